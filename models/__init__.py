@@ -1,0 +1,25 @@
+"""pointwise-zoo: efficient CNNs built on the 1x1 pointwise convolution (plain PyTorch)."""
+
+from . import layers
+from .cost import format_layer_table, layer_table, profile
+from .layers import ConvMode
+from .pointwise import PointwiseConv, pointwise_conv2d
+from .registry import REFERENCES, convert_state_dict, create_model, list_models, register_model
+
+# Importing the architecture files registers their models.
+from . import mobilenet_v1, mobilenet_v2, mobilenet_v3, resnet, xception  # noqa: E402,F401
+
+__all__ = [
+    "pointwise_conv2d",
+    "PointwiseConv",
+    "ConvMode",
+    "layers",
+    "create_model",
+    "list_models",
+    "register_model",
+    "convert_state_dict",
+    "REFERENCES",
+    "profile",
+    "layer_table",
+    "format_layer_table",
+]
