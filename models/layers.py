@@ -103,9 +103,11 @@ class ConvNormAct(nn.Module):
         act_layer: LayerFactory | None = nn.ReLU,
         conv_mode: ConvMode | str = "separable",
         padding: int | None = None,
+        bias: bool | None = None,
     ):
         super().__init__()
-        bias = norm_layer is None  # a norm right after the conv makes a conv bias redundant
+        if bias is None:
+            bias = norm_layer is None  # a norm right after the conv makes a conv bias redundant
         if kernel_size == 1 and groups == 1:
             self.conv = ConvMode.of(conv_mode).pointwise(in_chs, out_chs, stride, bias=bias)
         else:
@@ -161,7 +163,9 @@ class DepthwiseSeparableConv(nn.Module):
     """Depthwise k x k conv, optional SE, then pointwise conv (MobileNetV1, Xception).
 
     Under ``conv_mode="full"`` the pair is one dense k x k conv with the same channels and stride.
-    `pw_act=False` leaves the pointwise output linear (Xception's separable convs).
+    `pw_act=False` leaves the pointwise output linear; `dw_norm=False` (with `dw_act=False`) leaves
+    nothing between depthwise and pointwise, as in Xception's separable convs -- the depthwise conv
+    then has no bias either, since the norm after the pointwise conv absorbs it.
     """
 
     def __init__(
@@ -176,6 +180,7 @@ class DepthwiseSeparableConv(nn.Module):
         dw_act: bool = True,
         pw_act: bool = True,
         conv_mode: ConvMode | str = "separable",
+        dw_norm: bool = True,
     ):
         super().__init__()
         conv_mode = ConvMode.of(conv_mode)
@@ -186,7 +191,12 @@ class DepthwiseSeparableConv(nn.Module):
             self.se = se_layer(out_chs) if se_layer else nn.Identity()
         else:
             self.conv_dw = DepthwiseConv(
-                in_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=act_layer if dw_act else None
+                in_chs,
+                kernel_size,
+                stride,
+                norm_layer=norm_layer if dw_norm else None,
+                act_layer=act_layer if dw_act else None,
+                bias=False if not dw_norm else None,
             )
             self.se = se_layer(in_chs) if se_layer else nn.Identity()
             self.conv_pw = ConvNormAct(
