@@ -2,8 +2,10 @@
 
 from . import layers
 from .cost import format_layer_table, layer_table, profile
+from .fuse import fuse
 from .layers import ConvMode
 from .pointwise import PointwiseConv, pointwise_conv2d
+from .pretrained import list_pretrained, pretrained_meta
 from .registry import REFERENCES, convert_state_dict, create_model, list_models, register_model
 
 # Importing the architecture files registers their models.
@@ -19,6 +21,8 @@ __all__ = [
     "register_model",
     "convert_state_dict",
     "REFERENCES",
+    "list_pretrained",
+    "pretrained_meta",
     "profile",
     "layer_table",
     "format_layer_table",

@@ -1,0 +1,165 @@
+"""Pretrained CIFAR weights: shipped safetensors files, each with a metadata card.
+
+Each entry is two files in `models/weights/`: `<entry>.safetensors` (the state_dict) and
+`<entry>.json` (the card: how the model is built, its params, mult-adds, validation accuracy
+and split, normalisation, eval transform, recipe, size and sha256). The card is the trust
+anchor: a file loaded from anywhere else (a path or a URL) must have the card's sha256.
+Loading never runs code from a file: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+__all__ = ["list_pretrained", "pretrained_meta", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR"]
+
+
+class PretrainedError(ValueError):
+    """A pretrained entry or weights file that cannot be used, with the reason and the fix."""
+
+
+def list_pretrained() -> list[str]:
+    """Entry names with shipped weights: `<model>` or `<model>.<tag>`."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+
+
+def pretrained_meta(entry: str) -> dict:
+    """The metadata card of an entry (a fresh dict: params, macs, val_acc, mean, std, sha256, recipe, ...)."""
+    path = WEIGHTS_DIR / f"{entry}.json"
+    if not path.is_file():
+        available = ", ".join(list_pretrained()) or "none shipped yet"
+        raise PretrainedError(f"no pretrained weights for {entry!r}; available entries: {available}")
+    return json.loads(path.read_text())
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, sha256: str) -> Path:
+    """Download `url` into the hub cache once; the file is kept only if its sha256 matches."""
+    cache = Path(torch.hub.get_dir()) / "pointwise_zoo"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"{sha256[:16]}-{Path(urllib.parse.urlparse(url).path).name or 'weights'}"
+    if target.is_file() and sha256_of(target) == sha256:
+        return target
+    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, tmp)
+        except OSError as err:
+            os.unlink(tmp.name)
+            raise PretrainedError(f"could not download weights from {url}: {err}") from err
+    got = sha256_of(tmp.name)
+    if got != sha256:
+        os.unlink(tmp.name)
+        raise PretrainedError(f"refusing weights from {url}: sha256 {got} does not match the card's {sha256}")
+    os.replace(tmp.name, target)
+    return target
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict without running code: safetensors, or a torch file with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch raise several types for damaged files
+        raise PretrainedError(
+            f"weights file {path} is corrupt or truncated ({type(err).__name__}: {err}); download it again"
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    if not isinstance(state, dict):
+        raise PretrainedError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` strictly, or raise naming the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise PretrainedError(
+            f"weights from {source} do not fit this model: {'; '.join(parts)}. "
+            "They belong to another architecture, width or stem."
+        )
+    dtype = next(iter(own.values())).dtype if own else torch.float32
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state)
+
+
+def create_pretrained(
+    entry: str,
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    conv_mode: str = "separable",
+    weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build the entry's model and load its weights (from `models/weights`, or `weights`: a path or URL).
+
+    A different `num_classes` keeps the backbone and starts a fresh classifier, for fine-tuning.
+    `stem`, `width` and `conv_mode` come from the card; asking for other values is an error.
+    """
+    from .registry import create_model
+
+    meta = pretrained_meta(entry)
+    build = dict(meta["build"])
+    for key, value, default in (("stem", stem, "cifar"), ("width", width, 1.0), ("conv_mode", conv_mode, "separable")):
+        if value != default and value != build[key]:
+            raise PretrainedError(
+                f"pretrained {entry!r} is built with {key}={build[key]!r}; it cannot load into {key}={value!r}"
+            )
+    model = create_model(
+        meta["model"], num_classes=build["num_classes"], stem=build["stem"], width=build["width"],
+        conv_mode=build["conv_mode"], **kwargs,
+    )  # fmt: skip
+    if weights is None:
+        path = WEIGHTS_DIR / meta["file"]
+        if not path.is_file():
+            raise PretrainedError(f"weights file {path} for {entry!r} is missing from this install")
+    elif urllib.parse.urlparse(str(weights)).scheme in ("http", "https", "file"):
+        path = _fetch(str(weights), meta["sha256"])
+    else:
+        path = Path(weights)
+    if not path.is_file():
+        raise PretrainedError(f"weights file {path} does not exist")
+    got = sha256_of(path)
+    if got != meta["sha256"]:
+        raise PretrainedError(
+            f"refusing {path}: its sha256 {got} does not match {entry!r}'s card ({meta['sha256']}); "
+            "the file is damaged or belongs to another entry"
+        )
+    load_into(model, load_weights_file(path), str(path))
+    if num_classes != build["num_classes"]:
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    return model
