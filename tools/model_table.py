@@ -10,13 +10,15 @@ import torch
 
 import models
 
-IMAGENET_SIZE = {"xception": 299}
+
+def imagenet_size(name: str) -> int:
+    return 299 if name.startswith("xception") else 224  # Xception is specified at 299x299
 
 
 def row(name: str) -> str:
     cells = [f"`{name}`"]
     for stem, classes in (("cifar", 10), ("imagenet", 1000)):
-        size = 32 if stem == "cifar" else IMAGENET_SIZE.get(name, 224)
+        size = 32 if stem == "cifar" else imagenet_size(name)
         model = models.create_model(name, num_classes=classes, stem=stem)
         cost = models.profile(model, (1, 3, size, size))
         cells += [f"{cost['params'] / 1e6:.3f} M", f"{cost['macs'] / 1e6:,.1f} M @{size}"]
