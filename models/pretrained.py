@@ -23,7 +23,7 @@ import torch.nn as nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-__all__ = ["list_pretrained", "pretrained_meta", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR"]
+__all__ = ["list_pretrained", "pretrained_meta", "resolve_entry", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR"]
 
 
 class PretrainedError(ValueError):
@@ -116,6 +116,37 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state)
 
 
+def _conflicts(build: dict, stem: str, width: float, conv_mode: str) -> list[str]:
+    """The requested options (other than their defaults) that differ from a card's build."""
+    asked = {"stem": (stem, "cifar"), "width": (float(width), 1.0), "conv_mode": (str(conv_mode), "separable")}
+    return [f"{k}={build[k]!r}" for k, (value, default) in asked.items() if value != default and value != build[k]]
+
+
+def resolve_entry(name: str, stem: str = "cifar", width: float = 1.0, conv_mode: str = "separable") -> str:
+    """The entry for `name`: the entry of that name, or the one of that model built with the
+    requested width/stem/conv_mode (so `mobilenet_v2` at width 0.5 finds `mobilenet_v2.w0_5`)."""
+    entries = list_pretrained()
+    if name in entries and not _conflicts(pretrained_meta(name)["build"], stem, width, conv_mode):
+        return name
+    model = name.split(".")[0]
+    wanted = {"stem": stem, "width": float(width), "conv_mode": str(conv_mode)}
+    same_model = [e for e in entries if pretrained_meta(e)["model"] == model]
+    matches = [e for e in same_model if all(pretrained_meta(e)["build"][k] == v for k, v in wanted.items())]
+    if len(matches) == 1:
+        return matches[0]
+    if name not in entries and not same_model:
+        pretrained_meta(name)  # raises: no such entry, lists what exists
+    def describe(e: str) -> str:
+        build = pretrained_meta(e)["build"]
+        return f"{e} (" + ", ".join(f"{k}={build[k]!r}" for k in wanted) + ")"
+
+    builds = "; ".join(describe(e) for e in same_model)
+    raise PretrainedError(
+        f"no pretrained {model!r} is built with {', '.join(f'{k}={v!r}' for k, v in wanted.items())}; "
+        f"shipped: {builds}"
+    )
+
+
 def create_pretrained(
     entry: str,
     num_classes: int = 10,
@@ -127,18 +158,14 @@ def create_pretrained(
 ) -> nn.Module:
     """Build the entry's model and load its weights (from `models/weights`, or `weights`: a path or URL).
 
+    `entry` is an entry name, or a model name plus the width/stem/conv_mode of one of its entries.
     A different `num_classes` keeps the backbone and starts a fresh classifier, for fine-tuning.
-    `stem`, `width` and `conv_mode` come from the card; asking for other values is an error.
     """
     from .registry import create_model
 
+    entry = resolve_entry(entry, stem, width, getattr(conv_mode, "name", conv_mode))
     meta = pretrained_meta(entry)
     build = dict(meta["build"])
-    for key, value, default in (("stem", stem, "cifar"), ("width", width, 1.0), ("conv_mode", conv_mode, "separable")):
-        if value != default and value != build[key]:
-            raise PretrainedError(
-                f"pretrained {entry!r} is built with {key}={build[key]!r}; it cannot load into {key}={value!r}"
-            )
     model = create_model(
         meta["model"], num_classes=build["num_classes"], stem=build["stem"], width=build["width"],
         conv_mode=build["conv_mode"], **kwargs,

@@ -119,5 +119,7 @@ def test_refuses_damaged_and_foreign_files(fake_weights_dir, http_server, tmp_pa
 def test_unknown_entry_and_conflicting_options(fake_weights_dir):
     with pytest.raises(PretrainedError, match="no pretrained weights for 'vgg16'; available entries: resnet20.tiny"):
         models.create_model("vgg16", pretrained=True)
-    with pytest.raises(PretrainedError, match="built with width=0.25"):
+    with pytest.raises(PretrainedError, match=r"no pretrained 'resnet20' is built with stem='cifar', width=0.5.*shipped: resnet20.tiny \(stem='cifar', width=0.25"):
         models.create_model("resnet20.tiny", pretrained=True, width=0.5)
+    # a model name plus the entry's width finds the entry
+    assert pretrained_mod.resolve_entry("resnet20", width=0.25) == "resnet20.tiny"
