@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train and export the shipped CIFAR-10 weights, one entry after another, resuming any run that
+# was interrupted (its last.ckpt) and skipping finished ones. CPU budget recipe: the project's
+# default recipe (SGD + Nesterov, warm-up + cosine, label smoothing 0.1, bf16 autocast, fast
+# uint8 data path), with the short epoch counts below.
+#
+#   DATA_ROOT=../shared/data/cifar10 tools/train_pretrained.sh [entry ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10}
+PY=${PYTHON:-python}
+
+# entry | train.py overrides
+RECIPES=(
+  "resnet20|model=resnet20 trainer.max_epochs=15"
+  "mobilenet_v2.w0_5|model=mobilenet_v2 model.width=0.5 trainer.max_epochs=5"
+  "se_resnet20|model=se_resnet20 trainer.max_epochs=5"
+  "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=5"
+  "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=5"
+  "xception_small|model=xception_small trainer.max_epochs=4"
+  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=4"
+  "resnet56|model=resnet56 trainer.max_epochs=4"
+)
+
+wanted=("$@")
+for recipe in "${RECIPES[@]}"; do
+  entry=${recipe%%|*}
+  args=${recipe#*|}
+  if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " ${entry} " ]]; then continue; fi
+  run=runs/pretrained/$entry
+  resume=()
+  if [ -f "$run/summary.json" ]; then
+    echo "== $entry: trained ($run/summary.json)"
+  else
+    [ -f "$run/checkpoints/last.ckpt" ] && resume=("ckpt_path=$run/checkpoints/last.ckpt")
+    echo "== $entry: training ${resume[*]:-from scratch} ($(date +%H:%M:%S))"
+    # shellcheck disable=SC2086
+    $PY train.py $args data.root="$DATA_ROOT" seed=0 trainer.enable_progress_bar=false \
+      hydra.run.dir="$run" "${resume[@]}" || { echo "== $entry: training failed"; continue; }
+  fi
+  if [ ! -f "models/weights/$entry.json" ]; then
+    $PY tools/export_weights.py "$run" --entry "$entry" --data-root "$DATA_ROOT" || echo "== $entry: export failed"
+  fi
+done
