@@ -5,21 +5,26 @@
 # uint8 data path), with the short epoch counts below.
 #
 #   DATA_ROOT=../shared/data/cifar10 tools/train_pretrained.sh [entry ...]
+#
+# THREADS (default 1) sets torch's CPU threads per run: on a shared 2-core machine, two
+# single-threaded queues side by side beat one two-threaded queue, whose OpenMP threads stall
+# whenever another process takes a core.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10}
 PY=${PYTHON:-python}
+THREADS=${THREADS:-1}
 
 # entry | train.py overrides
 RECIPES=(
-  "resnet20|model=resnet20 trainer.max_epochs=15"
+  "resnet20|model=resnet20 trainer.max_epochs=10"
   "mobilenet_v2.w0_5|model=mobilenet_v2 model.width=0.5 trainer.max_epochs=5"
   "se_resnet20|model=se_resnet20 trainer.max_epochs=5"
   "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=5"
   "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=5"
-  "xception_small|model=xception_small trainer.max_epochs=4"
-  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=4"
-  "resnet56|model=resnet56 trainer.max_epochs=4"
+  "xception_small|model=xception_small trainer.max_epochs=3"
+  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=3"
+  "resnet56|model=resnet56 trainer.max_epochs=3"
 )
 
 wanted=("$@")
@@ -35,7 +40,7 @@ for recipe in "${RECIPES[@]}"; do
     [ -f "$run/checkpoints/last.ckpt" ] && resume=("ckpt_path=$run/checkpoints/last.ckpt")
     echo "== $entry: training ${resume[*]:-from scratch} ($(date +%H:%M:%S))"
     # shellcheck disable=SC2086
-    $PY train.py $args data.root="$DATA_ROOT" seed=0 trainer.enable_progress_bar=false \
+    $PY train.py $args data.root="$DATA_ROOT" seed=0 cpu_threads="$THREADS" trainer.enable_progress_bar=false \
       hydra.run.dir="$run" "${resume[@]}" || { echo "== $entry: training failed"; continue; }
   fi
   if [ ! -f "models/weights/$entry.json" ]; then
