@@ -1,0 +1,104 @@
+"""eval.py's pipeline through Hydra's compose API: checkpoints, TTA, splits, pretrained, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from conftest import compose_config, eval_overrides
+from training.errors import CheckpointError, ConfigError
+from training.pipeline import evaluate
+
+
+def run_eval(tmp_path: Path, *overrides: str) -> dict:
+    """Evaluate with the given command-line overrides (they also decide what is taken from the
+    checkpoint, exactly as on the command line)."""
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), *overrides]
+    return evaluate(compose_config("eval", overrides), overrides=overrides)
+
+
+def test_eval_reports_test_split_metrics_and_writes_the_confusion_matrix(trained_run, tmp_path, capsys):
+    report = run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}")
+    assert report["split"] == "test" and report["num_images"] == 40  # the test_batch, not validation
+    assert 0 <= report["top1"] <= report["top5"] <= 1 and report["loss"] > 0
+    assert set(report["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    confusion = torch.tensor(report["confusion"])
+    assert confusion.sum() == 40 and confusion.sum(1).tolist() == [4] * 10
+    assert report["top1"] == pytest.approx(confusion.diag().sum().item() / 40)
+    png = tmp_path / "eval" / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == report["top1"]
+    out = capsys.readouterr().out
+    for label in ("top-1", "top-5", "loss", "per-class accuracy", "truck"):
+        assert label in out
+
+    # The number train.py reported for the best checkpoint is the one eval.py finds.
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert report["top1"] == pytest.approx(summary["test_acc"])
+
+
+def test_eval_tta_averages_the_mirror(trained_run, tmp_path):
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
+    plain = run_eval(tmp_path, ckpt)
+    tta = run_eval(tmp_path, ckpt, "eval.tta=true")
+    assert tta["tta"] and not plain["tta"]
+    assert tta["loss"] != plain["loss"]  # the mirrored views change the predictions
+
+
+def test_eval_uses_the_runs_validation_split_when_there_is_no_test(compose_train, tmp_path):
+    from training.pipeline import train
+
+    summary = train(compose_train("trainer.max_epochs=1"))
+    report = run_eval(tmp_path, f"ckpt_path={summary['best_ckpt']}")
+    assert report["split"] == "val" and report["num_images"] == 20  # data.val_size from the checkpoint
+    assert report["top1"] == pytest.approx(summary["best_val_acc"])
+
+
+def test_eval_data_key_overrides_apply_on_top_of_the_checkpoint(trained_run, tmp_path):
+    report = run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", "eval.split=val", "data.val_size=30")
+    assert report["split"] == "val" and report["num_images"] == 30
+
+
+def test_eval_with_the_wrong_model_names_the_mismatched_keys(trained_run, tmp_path):
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", "model=mobilenet_v2")
+
+
+def test_eval_of_a_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path):
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes((trained_run / "checkpoints" / "best.ckpt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        run_eval(tmp_path, f"ckpt_path={bad}")
+
+
+def test_eval_needs_a_checkpoint_or_pretrained(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt_path=<file.ckpt>.*pretrained=true"):
+        run_eval(tmp_path)
+
+
+def test_pretrained_without_shipped_weights_passes_the_zoo_message_through(tmp_path, monkeypatch, cifar_root):
+    def no_weights(name, pretrained=False, **kwargs):
+        assert pretrained
+        raise KeyError(f"no pretrained weights for {name!r}; available entries: none shipped yet")
+
+    monkeypatch.setattr(models, "create_model", no_weights)
+    with pytest.raises(ConfigError, match="cannot build model 'mobilenet_v2': no pretrained weights for 'mobilenet_v2'"):
+        run_eval(tmp_path, "model=mobilenet_v2", "pretrained=true", f"data.root={cifar_root}")
+
+
+def test_pretrained_weights_are_evaluated_when_the_zoo_has_them(tmp_path, monkeypatch, cifar_root):
+    real = models.create_model
+    calls = []
+
+    def shipped(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs["width"]))
+        return real(name, **kwargs)  # stands in for weights the zoo would load
+
+    monkeypatch.setattr(models, "create_model", shipped)
+    report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
+                      "data.val_size=20")
+    assert calls == [("resnet20", True, 0.25)] and report["split"] == "test" and report["source"] == "pretrained resnet20"

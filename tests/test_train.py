@@ -1,0 +1,286 @@
+"""train.py's pipeline through Hydra's compose API on tiny data: configs, run folder, resume,
+NaN guard, config switches and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+
+import models
+from conftest import CONFIGS, compose_config, make_imagefolder, tiny_overrides
+from training.checkpoints import load_checkpoint
+from training.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from training.module import ClassifierModule
+from training.pipeline import train
+
+
+def metrics_rows(run_dir: Path, version: int = 0) -> list[dict]:
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+
+def test_every_registered_model_has_a_config_and_every_config_a_model():
+    configs = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+    assert configs == models.list_models()
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_each_model_config_builds_its_model(name, tmp_path, imagefolder_root):
+    cfg = compose_config("train", [*tiny_overrides(imagefolder_root, tmp_path, tmp_path), f"model={name}"])
+    assert cfg.model.name == name and cfg.model.num_classes == 10
+    module = ClassifierModule({"model": dict(cfg.model), "data": dict(cfg.data)})
+    assert module.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_model_overrides_and_data_group_reach_create_model(monkeypatch, tmp_path, imagefolder_root):
+    seen = {}
+
+    def fake_create_model(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(kwargs["num_classes"]))
+
+    monkeypatch.setattr(models, "create_model", fake_create_model)
+    cfg = compose_config("train", [*tiny_overrides(imagefolder_root, tmp_path, tmp_path), "model=mobilenet_v2",
+                                   "data=cifar100", "model.width=0.5", "model.conv_mode=full", "model.stem=imagenet"])
+    ClassifierModule({"model": dict(cfg.model), "data": dict(cfg.data)})
+    assert seen == {"name": "mobilenet_v2", "num_classes": 100, "width": 0.5, "conv_mode": "full",
+                    "stem": "imagenet", "pretrained": False}
+    assert len(cfg.data.classes) == 100 and cfg.data.mean != compose_config("train", []).data.mean
+
+
+def test_default_recipe_is_the_documented_one():
+    cfg = compose_config("train", [])
+    assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
+    assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs > 0 and cfg.optim.label_smoothing > 0
+    assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.flip and cfg.data.val_size == 5000
+    assert list(cfg.data.mean) == [0.4914, 0.4822, 0.4465]
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    from training.module import param_groups
+
+    model = models.create_model("resnet20", width=0.25)
+    decay, no_decay = param_groups(model, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert sum(1 for p in no_decay["params"] if "bn" in names[id(p)] or "norm" in names[id(p)]) >= 2
+
+
+# -- a whole run --------------------------------------------------------------------------------
+
+
+def test_train_writes_one_run_folder_with_everything(compose_train, tmp_path, capsys):
+    summary = train(compose_train())
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    config_text = (run / "config.yaml").read_text()
+    assert "${" not in config_text and "name: resnet20" in config_text  # resolved
+    rows = metrics_rows(run)
+    assert any(r["lr"] for r in rows) and any(r["val/acc"] for r in rows) and any(r["train/loss"] for r in rows)
+    lrs = [float(r["lr"]) for r in rows if r["lr"]]
+    assert lrs[0] < max(lrs)  # warm-up: the learning rate rises first
+
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["params"] == summary["params"] == models.profile(models.create_model("resnet20", width=0.25))["params"]
+    assert saved["macs"] > 0 and saved["images_per_second"] > 0 and saved["wall_seconds"] > 0
+    assert saved["test_acc"] is None and 0 <= saved["best_val_acc"] <= 1  # no test split here
+    out = capsys.readouterr().out
+    for label in ("params", "mult-adds", "best val acc", "test acc", "wall time", "img/s"):
+        assert label in out and label in (run / "summary.md").read_text()
+    assert "n/a -- no test split; validation reported" in out
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # plain data only
+    assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["model"]["name"] == "resnet20"
+    decay, no_decay = ckpt["optimizer_states"][0]["param_groups"]  # the optimizer that actually ran
+    assert decay["nesterov"] and decay["momentum"] == 0.9
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+
+
+def test_train_on_cifar_files_tests_the_best_checkpoint(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["test_split"] == "test" and 0 <= summary["test_acc"] <= 1
+    assert Path(summary["best_ckpt"]).name == "best.ckpt"
+
+
+def test_the_per_image_torchvision_loader_trains_too(compose_train):
+    summary = train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1"))
+    assert summary["train_images"] == 60 and summary["best_val_acc"] is not None
+
+
+def test_onecycle_schedule_runs_its_course(compose_train, tmp_path):
+    train(compose_train("optim.schedule=onecycle", "trainer.max_epochs=2"))
+    lrs = [float(r["lr"]) for r in metrics_rows(tmp_path / "run") if r["lr"]]
+    assert len(lrs) == 8 and max(lrs) == pytest.approx(0.2, rel=0.05) and lrs[-1] < lrs[0] < max(lrs)
+
+
+# -- exact resume -------------------------------------------------------------------------------
+
+
+class CrashAt(L.Callback):
+    """Simulate a killed process: raise at a given epoch and batch."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crashed_run_resumed_from_last_ckpt_ends_like_one_that_ran_through(compose_train, tmp_path):
+    # mobilenet_v2 has dropout, so this also checks the RNG state travels in the checkpoint.
+    common = ["model=mobilenet_v2", "model.width=0.25", "trainer.max_epochs=3"]
+    straight = train(compose_train(*common, run_dir=tmp_path / "straight"))
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_train(*common, run_dir=crashed), callbacks=[CrashAt(epoch=2, batch=1)])
+    last = crashed / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["epoch"] == 1  # two epochs done, the third lost mid-way
+    resumed = train(compose_train(*common, f"ckpt_path={last}", run_dir=crashed))
+
+    assert resumed["best_val_acc"] == straight["best_val_acc"] and resumed["best_epoch"] == straight["best_epoch"]
+    a, b = model_weights(tmp_path / "straight" / "checkpoints" / "last.ckpt"), model_weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = lambda rows: [r for r in rows if r["val/loss"]][-1]
+    assert final(metrics_rows(crashed, version=1))["val/loss"] == final(metrics_rows(tmp_path / "straight"))["val/loss"]
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["global_step"]
+
+
+def test_resume_folder_is_the_checkpoints_run(tmp_path):
+    from training.config import resume_run_dir
+
+    run = tmp_path / "runs" / "resnet20" / "x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    assert resume_run_dir(str(run / "checkpoints" / "last.ckpt"), "new") == str(run)
+    assert resume_run_dir(None, "new") == "new"
+    assert resume_run_dir(str(tmp_path / "elsewhere.ckpt"), "new") == "new"
+
+
+# -- NaN guard ----------------------------------------------------------------------------------
+
+
+class PoisonWeights(L.Callback):
+    """Turn a weight into NaN at a given epoch, as a diverging run would."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(compose_train, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(compose_train("trainer.max_epochs=3"), callbacks=[PoisonWeights(epoch=1)])
+    msg = str(err.value)
+    assert "loss became nan" in msg and "epoch 1" in msg and str(run / "checkpoints" / "last.ckpt") in msg
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# -- config switches ----------------------------------------------------------------------------
+
+
+def test_precision_channels_last_compile_and_tensorboard_are_switches(compose_train, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    cfg = compose_train("trainer.precision=32-true", "channels_last=true", "compile=true", "trainer.max_epochs=1",
+                        "logger.tensorboard=true")
+    summary = train(cfg)
+    assert compiled and summary["best_val_acc"] is not None
+    assert list((Path(summary["run_dir"]) / "tensorboard").rglob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(summary["last_ckpt"])
+    config = ckpt["hyper_parameters"]["config"]
+    assert config["trainer"]["precision"] == "32-true" and config["channels_last"] and config["compile"]
+    conv = next(p for p in ClassifierModule(config).model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group,name", [("model", "resnet21"), ("data", "cifar11")])
+def test_unknown_model_or_data_name_lists_the_choices(group, name):
+    with pytest.raises(MissingConfigException) as err:
+        compose_config("train", [f"{group}={name}"])
+    msg = str(err.value)
+    assert f"'{group}/{name}'" in msg and "Available options" in msg
+    assert ("resnet20" in msg) if group == "model" else ("cifar100" in msg)
+
+
+def test_unknown_model_name_in_a_key_override_lists_the_models(compose_train):
+    with pytest.raises(ConfigError, match="resnet21.*valid models: .*resnet20"):
+        train(compose_train("model.name=resnet21"))
+
+
+def test_unknown_model_option_is_named(compose_train):
+    with pytest.raises(ConfigError, match="no_such_option"):
+        train(compose_train("+model.kwargs.no_such_option=1"))
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_bad_data_root_says_what_layout_is_expected(compose_train, tmp_path, kind):
+    root = tmp_path / "nothing_here"
+    if kind == "empty":
+        (root / "train").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        train(compose_train(data_root=root))
+    assert "<root>/train/<class>/*.png" in str(err.value) and "data.download=true" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
+
+
+def test_resuming_from_a_checkpoint_of_another_architecture_names_the_keys(compose_train, trained_run):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        train(compose_train("model=mobilenet_v2", f"ckpt_path={ckpt}"))
+    msg = str(err.value)
+    assert str(ckpt) in msg and "model=resnet20" in msg and "model=mobilenet_v2" in msg
+    assert "missing from the checkpoint" in msg and "unexpected in the checkpoint" in msg
+    with pytest.raises(CheckpointError, match=r"mismatched shapes: .*\(8, 3, 3, 3\)|mismatched shapes"):
+        train(compose_train("model.width=0.5", f"ckpt_path={ckpt}"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_corrupt_truncated_or_missing_checkpoint_is_named(compose_train, trained_run, tmp_path, damage):
+    bad = tmp_path / "checkpoints" / "broken.ckpt"
+    bad.parent.mkdir()
+    good = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    if damage == "garbage":
+        bad.write_bytes(b"this is not a checkpoint" * 10)
+    elif damage == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(good)
+    with pytest.raises(CheckpointError) as err:
+        train(compose_train(f"ckpt_path={bad}"))
+    msg = str(err.value)
+    assert str(bad) in msg and "last.ckpt" in msg
+    assert ("does not exist" if damage == "missing" else "corrupt") in msg
+
+
+def test_empty_data_root_image_folder_tree_with_only_other_files(tmp_path, compose_train):
+    root = make_imagefolder(tmp_path / "d", n_per_class=1)
+    for png in root.rglob("*.png"):
+        png.rename(png.with_suffix(".txt"))
+    with pytest.raises(DataError, match="holds no images"):
+        train(compose_train(data_root=root))

@@ -1,0 +1,30 @@
+"""Train a zoo model on CIFAR, then test its best checkpoint.
+
+    python train.py model=mobilenet_v2 data=cifar10
+    python train.py model=resnet20 data.root=../shared/data/cifar10 trainer.max_epochs=10
+    python train.py -m model=mobilenet_v2,resnet20 seed=0,1          # a sweep
+    python train.py ckpt_path=runs/<...>/checkpoints/last.ckpt       # resume
+
+Configs live in configs/ (train.yaml and its groups); the work is done in training/pipeline.py.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from training.config import register_resolvers
+from training.errors import exit_on_user_error
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from training.pipeline import train  # heavy imports after Hydra has parsed the command line
+
+    with exit_on_user_error():
+        summary = train(cfg)
+    return summary["best_val_acc"]  # for Hydra sweepers that optimize a value
+
+
+if __name__ == "__main__":
+    main()

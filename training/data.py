@@ -1,0 +1,581 @@
+"""CIFAR data: where it comes from, the uint8 cache, the validation split, and two loaders.
+
+Sources (``data.root``), detected in this order:
+  1. an ImageFolder tree ``<root>/train/<class>/*.png`` (and ``<root>/test/...`` when present);
+  2. torchvision's CIFAR files ``<root>/cifar-10-batches-py`` / ``<root>/cifar-100-python``;
+  3. nothing there and ``data.download=true``: torchvision downloads (2).
+
+Loaders (``data.loader``):
+  - ``fast`` (default): every split is decoded once into a uint8 tensor cached on disk, keyed
+    by a fingerprint of its source files, then kept on the training device and augmented a
+    whole batch at a time (random crop from a padded image + horizontal flip), as airbench does.
+    The epoch's order and augmentations are drawn from (seed, epoch), so a resumed run sees the
+    same batches as one that ran through.
+  - ``torchvision``: the classic per-image path (PIL decode + transforms in DataLoader workers),
+    kept as the baseline the fast path is measured against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CACHE_VERSION = 1
+# torchvision's on-disk CIFAR layout: folder, train files, test files, meta file, label key, names key.
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def how_to_get_data(name: str, root: str) -> str:
+    """The part of every data error that says which layouts we read and how to get CIFAR."""
+    folder = CIFAR_FILES.get(name, CIFAR_FILES["cifar10"])[0]
+    return (
+        f"Expected one of these layouts under data.root={root}:\n"
+        f"  - an ImageFolder tree: <root>/train/<class>/*.png (optional <root>/test/<class>/*.png), "
+        f"class folders named as in the data config's `classes`;\n"
+        f"  - torchvision's CIFAR files: <root>/{folder}/.\n"
+        f"To get CIFAR: with internet, add data.download=true (torchvision downloads it into data.root); "
+        f"offline, point data.root at an ImageFolder tree (e.g. data.root=../shared/data/cifar10)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitSource:
+    """Where one split (train or test) lives; enough to fingerprint it and to read it."""
+
+    layout: str  # "imagefolder" or "cifar"
+    split: str  # "train" or "test"
+    path: Path  # ImageFolder split dir, or the CIFAR batches dir
+    files: list[Path]  # image files (imagefolder) or batch files (cifar)
+    labels: list[int] | None = None  # imagefolder only: known from the folder names, no decode needed
+
+
+def _cfg(data_cfg: Any, key: str, default: Any = None) -> Any:
+    value = data_cfg.get(key, default) if hasattr(data_cfg, "get") else getattr(data_cfg, key, default)
+    return default if value is None else value
+
+
+def scan_imagefolder(split_dir: Path, classes: Sequence[str] | None) -> tuple[list[Path], list[int]]:
+    """Image files and labels of ``split_dir/<class>/*``; labels follow ``classes`` (the data
+    set's own order), not the alphabetical folder order, and files are sorted by name."""
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    names = list(classes) if classes else [p.name for p in folders]
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        raise DataError(
+            f"{split_dir} has class folder(s) {unknown[:5]} that are not classes of this data set; "
+            f"expected folder names among: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in sorted(folders, key=lambda p: index[p.name]):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(Path(entry.path))
+                labels.append(index[folder.name])
+    return files, labels
+
+
+def find_source(data_cfg: Any, split: str) -> SplitSource | None:
+    """Locate ``split`` under data.root; None for a missing test split. Raises DataError with the
+    expected layouts when the root has no training data."""
+    name = _cfg(data_cfg, "name", "cifar10")
+    root = Path(str(_cfg(data_cfg, "root"))).expanduser()
+    split_dir = root / split
+    if split_dir.is_dir():
+        files, labels = scan_imagefolder(split_dir, _cfg(data_cfg, "classes"))
+        if files:
+            return SplitSource("imagefolder", split, split_dir, files, labels)
+        if split == "train":
+            raise DataError(f"{split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).\n" + how_to_get_data(name, str(root)))
+        return None
+    if name in CIFAR_FILES:
+        folder, train_files, test_files, *_ = CIFAR_FILES[name]
+        batches = [root / folder / f for f in (train_files if split == "train" else test_files)]
+        if all(b.is_file() for b in batches):
+            return SplitSource("cifar", split, root / folder, batches)
+    if split == "test":
+        return None
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist.\n" + how_to_get_data(name, str(root)))
+    raise DataError(f"no {name} training images found under {root}.\n" + how_to_get_data(name, str(root)))
+
+
+def download(data_cfg: Any) -> None:
+    """Let torchvision fetch CIFAR into data.root (only called with data.download=true)."""
+    import torchvision
+
+    name = _cfg(data_cfg, "name", "cifar10")
+    datasets = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+    if name not in datasets:
+        raise DataError(f"data.download=true only knows cifar10 and cifar100, not {name!r}")
+    root = str(_cfg(data_cfg, "root"))
+    try:
+        for train in (True, False):
+            datasets[name](root=root, train=train, download=True)
+    except Exception as err:  # network errors come in many types
+        raise DataError(f"downloading {name} into {root} failed: {err}\n" + how_to_get_data(name, root)) from err
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's files are pickles: allow only what they hold (numpy arrays, lists, dicts)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _read_cifar_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as err:
+        raise DataError(f"{path} is not a readable CIFAR batch file ({err}); delete it and re-download") from err
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def read_cifar(source: SplitSource, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, _, _, label_key, _ = CIFAR_FILES[name]
+    images, labels = [], []
+    for path in source.files:
+        batch = _read_cifar_file(path)
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(int(y) for y in batch[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def read_cifar_classes(source: SplitSource, name: str) -> list[str] | None:
+    _, _, _, meta_file, _, names_key = CIFAR_FILES[name]
+    meta = source.path / meta_file
+    return [str(n) for n in _read_cifar_file(meta)[names_key]] if meta.is_file() else None
+
+
+def _decode(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as err:
+        raise DataError(f"cannot decode image {path}: {err}") from err
+
+
+def decode_images(files: Sequence[Path]) -> torch.Tensor:
+    """Decode image files into one uint8 N x 3 x H x W tensor (all images must share a size).
+    PIL releases the GIL while it inflates PNGs, so a few threads help."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(_decode, files, chunksize=256))
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        first = arrays[0].shape
+        odd = next(f for f, a in zip(files, arrays) if a.shape != first)
+        raise DataError(
+            f"{odd} is {arrays[files.index(odd)].shape[:2]} pixels but {files[0]} is {first[:2]}; "
+            "all images of a split must have the same size (CIFAR is 32x32)"
+        )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The uint8 cache
+# --------------------------------------------------------------------------------------------
+
+
+def fingerprint(source: SplitSource) -> str:
+    """Hash of the source: layout, location and every file's name, size and mtime. Editing,
+    adding or removing an image gives a new key, so a stale cache is never read."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, source.layout, str(source.path.resolve())]).encode())
+    for path in source.files:
+        st = path.stat()
+        h.update(f"{path.relative_to(source.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(data_cfg: Any, source: SplitSource) -> Path:
+    name = _cfg(data_cfg, "name", "cifar10")
+    return Path(str(_cfg(data_cfg, "cache_dir", "data_cache"))) / f"{name}-{source.split}-{fingerprint(source)}.pt"
+
+
+def build_cache(data_cfg: Any, source: SplitSource) -> Path:
+    """Decode ``source`` once into ``{"images": uint8 NCHW, "labels": int64}`` unless cached."""
+    path = cache_path(data_cfg, source)
+    if path.is_file():
+        return path
+    name = _cfg(data_cfg, "name", "cifar10")
+    log.info("Decoding %d %s file(s) of %s into %s (once)", len(source.files), source.split, source.path, path)
+    if source.layout == "imagefolder":
+        images, labels = decode_images(source.files), torch.tensor(source.labels, dtype=torch.int64)
+    else:
+        images, labels = read_cifar(source, name)
+        expected, found = _cfg(data_cfg, "classes"), read_cifar_classes(source, name)
+        if expected and found and list(expected) != found:
+            raise DataError(f"{source.path} lists classes {found[:5]}... but the {name} config expects {list(expected)[:5]}...")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": images, "labels": labels}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+    return path
+
+
+def load_cached(data_cfg: Any, source: SplitSource) -> tuple[torch.Tensor, torch.Tensor]:
+    path = build_cache(data_cfg, source)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob["images"], blob["labels"]
+    except Exception as err:
+        raise DataError(f"the data cache {path} is unreadable ({err}); delete it and it will be rebuilt") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Validation split
+# --------------------------------------------------------------------------------------------
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): ``val_size`` indices drawn per class in proportion to its size
+    (largest remainder), with a fixed seed, so every run carves the same validation set."""
+    n = len(labels)
+    if not 0 < val_size < n:
+        raise DataError(f"data.val_size={val_size} must be between 1 and the training set size - 1 ({n - 1})")
+    gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * val_size / n
+    take = exact.floor().long()
+    order = torch.argsort(exact - take.double(), descending=True, stable=True)
+    take[order[: val_size - int(take.sum())]] += 1
+    train_idx, val_idx = [], []
+    for cls, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        val_idx.append(members[:k])
+        train_idx.append(members[k:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Fast path: whole-batch augmentation on the device
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch): no state to save for resuming."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def batch_crop(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, pad: int) -> torch.Tensor:
+    """Crop each image of a batch at its own offset from a zero-padded copy (= RandomCrop(padding)).
+    Two 1-D gathers (rows, then columns): ~2x faster than one 4-D fancy index on CPU."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    rows = (dy.to(dev)[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    cols = (dx.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(n, c, h, w)
+    return torch.gather(torch.gather(padded, 2, rows), 3, cols)
+
+
+def batch_flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.to(images.device)[:, None, None, None], images.flip(-1), images)
+
+
+class EpochOrder:
+    """This rank's share of one epoch: the sample order and each sample's augmentation.
+
+    Named and shaped like a sampler so Lightning calls ``set_epoch`` on it at each epoch start
+    (it looks for ``loader.sampler.set_epoch``). Draws depend on (seed, epoch) only, and every
+    image gets the same draw whatever the number of processes.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: int = 0):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size, self.pad = n, shuffle, seed, rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def per_rank(self) -> int:
+        # training: equal shares (DDP steps in lock-step), the remainder is dropped for this epoch;
+        # evaluation: ceil, the short ranks are padded with label -1 (ignored by the metrics).
+        return self.n // self.world_size if self.shuffle else math.ceil(self.n / self.world_size)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, dx, dy, flip) for this rank; indices are -1 where evaluation pads."""
+        gen = epoch_generator(self.seed, self.epoch)
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=gen)
+            dx = torch.randint(0, 2 * self.pad + 1, (self.n,), generator=gen)
+            dy = torch.randint(0, 2 * self.pad + 1, (self.n,), generator=gen)
+            flip = torch.rand(self.n, generator=gen) < 0.5
+            take = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
+            return order[take], dx[take], dy[take], flip[take]
+        order = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
+        order = torch.where(order < self.n, order, -1)
+        zeros = torch.zeros(len(order), dtype=torch.long)
+        return order, zeros, zeros, zeros.bool()
+
+
+class DeviceBatchLoader:
+    """Batches of normalized float images from a uint8 tensor, augmented a batch at a time on
+    whatever device the tensor lives on (the training device: no host->device copy per step)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        seed: int = 0,
+        crop_padding: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.images, self.labels = images, labels.to(images.device)
+        self.batch_size, self.train, self.flip = batch_size, train, flip
+        self.crop_padding = crop_padding if train else 0
+        std_t = torch.tensor(std, dtype=torch.float32, device=images.device)
+        # x_norm = (x/255 - mean)/std = x * scale + shift, done in one fused multiply-add
+        self.scale = (1.0 / (255.0 * std_t))[None, :, None, None]
+        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=images.device) / std_t)[None, :, None, None]
+        # `sampler`/`batch_sampler` as on a DataLoader: Lightning calls sampler.set_epoch each epoch
+        self.sampler = EpochOrder(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=self.crop_padding)
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        n, bs = self.sampler.per_rank, self.batch_size
+        # never end on a 1-image training batch: BatchNorm cannot normalize it
+        return n // bs if self.train and n % bs == 1 else math.ceil(n / bs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, dx, dy, flip = self.sampler.draw()
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[sl].to(self.images.device)
+            valid = idx >= 0
+            x = self.images[idx.clamp(min=0)]
+            y = torch.where(valid, self.labels[idx.clamp(min=0)], -1)
+            if self.train:
+                if self.crop_padding:
+                    x = batch_crop(x, dx[sl], dy[sl], self.crop_padding)
+                if self.flip:
+                    x = batch_flip(x, flip[sl])
+            yield torch.addcmul(self.shift, x.float(), self.scale), y
+
+
+# --------------------------------------------------------------------------------------------
+# Classic path: per-image PIL transforms in DataLoader workers
+# --------------------------------------------------------------------------------------------
+
+
+class PerImageDataset(Dataset):
+    """One image at a time: decoded from its file (ImageFolder) or taken from a uint8 array
+    (CIFAR files, as torchvision's CIFAR10 does), then transformed as a PIL image."""
+
+    def __init__(self, items: list[Path] | torch.Tensor, labels: torch.Tensor, transform: Any):
+        self.items, self.labels, self.transform = items, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        item = self.items[i]
+        if isinstance(item, torch.Tensor):
+            img = Image.fromarray(item.permute(1, 2, 0).numpy())
+        else:
+            with open(item, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+
+def per_image_transform(mean: Sequence[float], std: Sequence[float], train: bool, crop_padding: int, flip: bool, size: int):
+    from torchvision import transforms as T
+
+    steps = []
+    if train and crop_padding:
+        steps.append(T.RandomCrop(size, padding=crop_padding))
+    if train and flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning DataModule
+# --------------------------------------------------------------------------------------------
+
+class CifarDataModule(L.LightningDataModule):
+    """Train/val (carved from train) and test (when the source has one) for CIFAR-style data."""
+
+    def __init__(self, data_cfg: dict, seed: int = 0):
+        super().__init__()
+        self.cfg = dict(data_cfg)
+        self.seed = int(seed)
+        self.loader = self.cfg.get("loader", "fast")
+        if self.loader not in ("fast", "torchvision"):
+            raise DataError(f"data.loader={self.loader!r}: choose fast or torchvision")
+        self.train_source: SplitSource | None = None
+        self.test_source: SplitSource | None = None
+        self.splits: dict[str, tuple[Any, torch.Tensor]] = {}
+        self.mean: list[float] = []
+        self.std: list[float] = []
+
+    # -- sources -----------------------------------------------------------------------------
+
+    def locate(self) -> None:
+        """Find the sources (cheap: a directory scan). Raises DataError with the fix."""
+        if self.train_source is not None:
+            return
+        name, root = self.cfg.get("name"), Path(str(self.cfg.get("root")))
+        if self.cfg.get("download") and find_source_or_none(self.cfg, "train") is None:
+            download(self.cfg)
+        self.train_source = find_source(self.cfg, "train")
+        self.test_source = find_source(self.cfg, "test")
+        log.info("%s from %s (%s layout): test split %s", name, root, self.train_source.layout,
+                 "found" if self.test_source else "absent -- validation is reported")
+
+    @property
+    def has_test(self) -> bool:
+        self.locate()
+        return self.test_source is not None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.cfg["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cfg.get("classes") or [str(i) for i in range(self.num_classes)])
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Once per node (local rank 0): download if asked, decode into the cache.
+        self.locate()
+        if self.loader == "fast":
+            for source in (self.train_source, self.test_source):
+                if source is not None:
+                    build_cache(self.cfg, source)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.locate()
+        items, labels = self._read(self.train_source)
+        if int(labels.max()) >= self.num_classes:
+            raise DataError(f"labels go up to {int(labels.max())} but data.num_classes={self.num_classes}")
+        train_idx, val_idx = stratified_split(labels, int(self.cfg.get("val_size", 5000)), int(self.cfg.get("split_seed", 0)))
+        self.splits["train"] = (_take(items, train_idx), labels[train_idx])
+        self.splits["val"] = (_take(items, val_idx), labels[val_idx])
+        if self.test_source is not None:
+            self.splits["test"] = self._read(self.test_source)
+        self.mean, self.std = self._stats()
+        if self.loader == "fast":
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+
+    def _read(self, source: SplitSource) -> tuple[Any, torch.Tensor]:
+        if self.loader == "fast":
+            return load_cached(self.cfg, source)
+        if source.layout == "cifar":  # held in memory as arrays, as torchvision's CIFAR10 does
+            return read_cifar(source, self.cfg["name"])
+        return source.files, torch.tensor(source.labels, dtype=torch.int64)  # decoded per access
+
+    def _stats(self) -> tuple[list[float], list[float]]:
+        mean, std = self.cfg.get("mean"), self.cfg.get("std")
+        if mean is not None and std is not None:
+            return [float(m) for m in mean], [float(s) for s in std]
+        images = self.splits["train"][0]
+        if not isinstance(images, torch.Tensor):
+            raise DataError("data.mean/std are null (compute from data) but the torchvision loader does not decode up front; set them or use data.loader=fast")
+        x = images.float().div_(255)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+    def _loader(self, split: str, train: bool):
+        items, labels = self.splits[split]
+        aug = self.cfg.get("augment") or {}
+        pad, flip = int(aug.get("crop_padding", 4)), bool(aug.get("flip", True))
+        bs = int(self.cfg.get("batch_size" if train else "eval_batch_size") or self.cfg.get("batch_size", 256))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if self.loader == "fast":
+            return DeviceBatchLoader(items, labels, bs, self.mean, self.std, train, seed=self.seed,
+                                     crop_padding=pad, flip=flip, rank=rank, world_size=world)
+        size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
+        dataset = PerImageDataset(items, labels, per_image_transform(self.mean, self.std, train, pad, flip, size))
+        workers = int(self.cfg.get("num_workers", 2))
+        return DataLoader(dataset, batch_size=bs, shuffle=train, num_workers=workers, drop_last=False,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        # No test split: the test stage reports the validation split (and says so).
+        return self._loader("test" if "test" in self.splits else "val", train=False)
+
+    def state_dict(self) -> dict:
+        # Saved in checkpoints so a resume can check it carves the same validation split.
+        return {"seed": self.seed, "val_size": int(self.cfg.get("val_size", 5000)), "split_seed": int(self.cfg.get("split_seed", 0))}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if changed:
+            log.warning("Resuming with different data settings than the checkpoint (old, new): %s", changed)
+
+
+def find_source_or_none(data_cfg: Any, split: str) -> SplitSource | None:
+    try:
+        return find_source(data_cfg, split)
+    except DataError:
+        return None
+
+
+def _take(items: Any, idx: torch.Tensor) -> Any:
+    return items[idx] if isinstance(items, torch.Tensor) else [items[i] for i in idx.tolist()]
