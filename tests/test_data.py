@@ -118,6 +118,13 @@ def test_stratified_split_is_proportional_fixed_and_disjoint():
         stratified_split(labels, 100, seed=0)
 
 
+def test_validation_order_mixes_classes():
+    # class-sorted data (an ImageFolder tree): the first validation batch must not be one class
+    labels = torch.arange(10).repeat_interleave(100)
+    _, val = stratified_split(labels, val_size=100, seed=0)
+    assert len(set(labels[val[:20]].tolist())) >= 5
+
+
 def test_batch_crop_and_flip_match_torchvision_semantics():
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     dx, dy = torch.tensor([0, 4, 8]), torch.tensor([8, 4, 0])

@@ -288,7 +288,10 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
         members = members[torch.randperm(len(members), generator=gen)]
         val_idx.append(members[:k])
         train_idx.append(members[k:])
-    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    # Validation in a seeded shuffled order: an ImageFolder tree is sorted by class, so the first
+    # batches (all that trainer.limit_val_batches looks at) would otherwise hold one class only.
+    val = torch.cat(val_idx).sort().values
+    return torch.cat(train_idx).sort().values, val[torch.randperm(len(val), generator=gen)]
 
 
 # --------------------------------------------------------------------------------------------
