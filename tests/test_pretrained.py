@@ -123,3 +123,38 @@ def test_unknown_entry_and_conflicting_options(fake_weights_dir):
         models.create_model("resnet20.tiny", pretrained=True, width=0.5)
     # a model name plus the entry's width finds the entry
     assert pretrained_mod.resolve_entry("resnet20", width=0.25) == "resnet20.tiny"
+
+
+# ---- the shipped entries --------------------------------------------------------------------
+
+SHIPPED = models.list_pretrained()
+
+
+def test_weights_budget_and_files():
+    total = sum((pretrained_mod.WEIGHTS_DIR / models.pretrained_meta(e)["file"]).stat().st_size for e in SHIPPED)
+    assert total < 60e6, f"shipped weights take {total / 1e6:.1f} MB; the budget is 60 MB"
+    assert sorted(p.stem for p in pretrained_mod.WEIGHTS_DIR.glob("*.safetensors")) == SHIPPED
+
+
+@pytest.mark.parametrize("entry", SHIPPED)
+def test_shipped_entry_loads_through_every_path(entry, http_server, tmp_path, monkeypatch):
+    meta = models.pretrained_meta(entry)
+    assert REQUIRED_KEYS <= set(meta)
+    assert 10 < meta["val_acc"] <= 100 and len(meta["mean"]) == len(meta["std"]) == 3
+    file = pretrained_mod.WEIGHTS_DIR / meta["file"]
+    assert pretrained_mod.sha256_of(file) == meta["sha256"] and file.stat().st_size == meta["file_size"]
+
+    model = models.create_model(entry, pretrained=True).eval()
+    cost = models.profile(model, (1, 3, 32, 32))
+    assert (cost["params"], cost["macs"]) == (meta["params"], meta["macs"])
+    # the card's build, given as options, finds the same entry
+    build = meta["build"]
+    assert pretrained_mod.resolve_entry(meta["model"], build["stem"], build["width"], build["conv_mode"]) == entry
+
+    served, base = http_server
+    shutil.copy(file, served / meta["file"])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _same_outputs(models.create_model(entry, pretrained=True, weights=f"{base}/{meta['file']}"), model)
+    _same_outputs(models.create_model(entry, pretrained=True, weights=file), model)
+    tag = entry.partition(".")[2] or None
+    _same_outputs(torch.hub.load(str(REPO), meta["model"], source="local", pretrained=True, tag=tag), model)
