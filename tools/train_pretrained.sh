@@ -23,7 +23,7 @@ RECIPES=(
   "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=5"
   "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=5"
   "xception_small|model=xception_small trainer.max_epochs=3"
-  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=3"
+  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=2"
   "resnet56|model=resnet56 trainer.max_epochs=3"
 )
 
