@@ -1,10 +1,18 @@
-"""Print the README's model table: params and mult-adds of every registered model at both stems.
+"""Print the README's model table: params and mult-adds of every registered model at both stems,
+plus training img/s and the shipped CIFAR-10 weights' validation accuracy where known.
 
-    python tools/model_table.py
+    python tools/model_table.py [--train-speed outputs/bench_train_speed/train_speed.csv]
 
 Counts come from `models.profile` (FlopCounterMode); CIFAR stem: 10 classes at 32x32;
 ImageNet stem: 1000 classes at 224x224 (299x299 for Xception models, as in the paper).
+Training img/s comes from the CSV `python -m benchmarks.train_speed --all --out <csv>` writes;
+validation accuracy from the cards in models/weights/.
 """
+
+from __future__ import annotations
+
+import argparse
+import csv
 
 import torch
 
@@ -15,22 +23,49 @@ def imagenet_size(name: str) -> int:
     return 299 if name.startswith("xception") else 224  # Xception is specified at 299x299
 
 
-def row(name: str) -> str:
+def train_speed(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    with open(path, newline="") as f:
+        return {r["model"]: float(r["img_s"]) for r in csv.DictReader(f) if r["table"] == "models"}
+
+
+def pretrained_cell(name: str) -> str:
+    cells = []
+    for entry in models.list_pretrained():
+        meta = models.pretrained_meta(entry)
+        if meta["model"] == name:
+            epochs = meta["recipe"]["epochs"]
+            label = f"w{meta['build']['width']:g}: " if meta["build"]["width"] != 1.0 else ""
+            cells.append(f"{label}[{meta['val_acc']:.2f}%](docs/model_cards/{entry}.md) ({epochs} ep)")
+    return "<br>".join(cells) or "-"
+
+
+def row(name: str, speed: dict[str, float]) -> str:
     cells = [f"`{name}`"]
     for stem, classes in (("cifar", 10), ("imagenet", 1000)):
         size = 32 if stem == "cifar" else imagenet_size(name)
         model = models.create_model(name, num_classes=classes, stem=stem)
         cost = models.profile(model, (1, 3, size, size))
         cells += [f"{cost['params'] / 1e6:.3f} M", f"{cost['macs'] / 1e6:,.1f} M @{size}"]
+    cells.append(f"{speed[name]:.0f}" if name in speed else "-")
+    cells.append(pretrained_cell(name))
     return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-speed", help="CSV written by benchmarks/train_speed.py --all --out")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    print("| model | params (cifar, 10 cls) | mult-adds (cifar) | params (imagenet, 1000 cls) | mult-adds (imagenet) |")
-    print("|---|---:|---:|---:|---:|")
+    speed = train_speed(args.train_speed)
+    print(
+        "| model | params (cifar, 10 cls) | mult-adds (cifar) | params (imagenet, 1000 cls) | mult-adds (imagenet) "
+        "| train img/s (cifar) | CIFAR-10 val acc (shipped) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name in models.list_models():
-        print(row(name))
+        print(row(name, speed))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ THREADS=${THREADS:-1}
 RECIPES=(
   "resnet20|model=resnet20 trainer.max_epochs=10"
   "mobilenet_v2.w0_5|model=mobilenet_v2 model.width=0.5 trainer.max_epochs=5"
-  "se_resnet20|model=se_resnet20 trainer.max_epochs=3"
-  "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=3"
-  "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=3"
+  "se_resnet20|model=se_resnet20 trainer.max_epochs=2"
+  "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=2"
+  "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=2"
   "xception_small|model=xception_small trainer.max_epochs=2"
-  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=2"
   "resnet56|model=resnet56 trainer.max_epochs=2"
+  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=1"
 )
 
 wanted=("$@")
