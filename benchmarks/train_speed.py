@@ -1,0 +1,371 @@
+"""Training speed: img/s of a full training step, the zoo's mobilenet_v2 with this project's default
+training settings against torchvision's mobilenet_v2 (same CIFAR layout) with plain settings.
+
+    python -m benchmarks.train_speed                       # part 1 only, batch 256
+    python -m benchmarks.train_speed --all                 # + part 2: every registered model
+    python -m benchmarks.train_speed --batch 32 --rounds 3 --all --all-batch 16   # a quick smoke run
+    python -m benchmarks.train_speed --all --out outputs/bench_train_speed/train_speed.csv
+
+A training step is what `training/module.py` does per batch under Lightning: forward, cross-entropy
+with label smoothing 0.1 (on float32 logits), backward, an SGD step with Nesterov momentum 0.9,
+zero_grad -- on a fixed batch of random 32x32 images and labels (the data path is not timed; its
+cost is under 1 % of a step, docs/training.md).
+
+Settings ("default" = what `train.py` uses unless told otherwise; "plain" = what a user gets out of
+the box):
+  default: bf16 autocast on CPU (`trainer.precision=bf16-mixed`: forward and loss under
+           `torch.autocast("cpu", dtype=torch.bfloat16)`), model and input channels-last
+           (`channels_last=true`), the optimizer over `training.module.param_groups` (weight decay
+           5e-4 on conv/linear weights only);
+  plain:   float32, NCHW, the optimizer over `model.parameters()` with weight decay 5e-4 on all.
+Both use lr 0.02 (the recipe's first warm-up step: peak 0.2 x warm-up start factor 0.1), so the
+weights stay finite over the run.
+
+Part 1 (issue 4's target: the zoo with default settings >= 1.3x torchvision with plain settings), at
+`--batch` (default 256), four rows timed in the same interleaved rounds:
+  - torchvision `mobilenet_v2(num_classes=10)` adapted to CIFAR as our cifar stem (stem conv at
+    stride 1; the first stride-2 block, `features[2]` (24 channels), with its depthwise conv at
+    stride 1): the same 2,236,682 params and 4x4 final map as ours (checked before timing), plain
+    settings -- the baseline every ratio divides;
+  - the same torchvision model with the default settings;
+  - the zoo `create_model("mobilenet_v2")` (cifar stem, 10 classes) with plain settings;
+  - the zoo model with the default settings (the target row).
+The two middle rows split the gain into settings (same model, other settings) and architecture /
+implementation (same settings, other model).
+
+Part 2 (`--all`): every registered model (`models.list_models()`), cifar stem, width 1.0, 10
+classes, default settings, at `--all-batch` (default 128: batch 256 over 12 models would take
+well over 10 minutes on the shared 2-core machine), interleaved the same way.
+
+Timing (as the other benchmarks, `benchmarks/common.py`): `--warmup` untimed steps per row, then
+`--rounds` rounds; each round runs every row for `--steps` steps (one sample), in an order that
+rotates every round. img/s = batch x steps / seconds of a sample; the table shows the median over
+rounds. A speed-up is the median over rounds of that round's (baseline seconds / row seconds), so a
+slow spell that hits one round hits both sides of its ratio. `--threads` defaults to 1 (see
+docs/training.md, "Threads").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from benchmarks.common import Timing, machine_info, md_table, paired_ratio, write_csv
+from training.module import param_groups
+
+CIFAR_PARAMS = 2_236_682  # zoo mobilenet_v2, cifar stem, 10 classes (README)
+LR = 0.02  # configs/optim/sgd.yaml: lr 0.2 x warmup_start_factor 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+LABEL_SMOOTHING = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How a model is trained: autocast dtype (None = float32), memory format, optimizer groups."""
+
+    name: str
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    param_groups: bool
+
+    def describe(self) -> str:
+        prec = "bf16 autocast" if self.amp_dtype is torch.bfloat16 else "fp32"
+        fmt = "channels-last" if self.channels_last else "NCHW"
+        opt = "param groups" if self.param_groups else "plain SGD params"
+        return f"{prec}, {fmt}, {opt}"
+
+
+DEFAULT = Settings("default", torch.bfloat16, True, True)
+PLAIN = Settings("plain", None, False, False)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def torchvision_mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """torchvision's mobilenet_v2 in our cifar-stem layout: the stem conv at stride 1 and the first
+    stride-2 inverted-residual block (`features[2]`, 24 channels) at stride 1 (its depthwise conv,
+    `conv[1][0]`, carries the block's stride). 32x32 -> 4x4 before pooling."""
+    import torchvision
+
+    m = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+    m.features[0][0].stride = (1, 1)
+    dw = m.features[2].conv[1][0]
+    assert dw.groups == dw.in_channels and dw.stride == (2, 2), "features[2] is not the first stride-2 block"
+    dw.stride = (1, 1)
+    return m
+
+
+def zoo_mobilenet_v2(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    return models.create_model("mobilenet_v2", num_classes=num_classes, stem="cifar", width=width)
+
+
+def feature_map_size(model: nn.Module, size: int = 32) -> tuple[int, int]:
+    """Spatial size of the map the classifier pools (torchvision: `features`; zoo: `forward_features`)."""
+    x = torch.zeros(1, 3, size, size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x) if hasattr(model, "forward_features") else model.features(x)
+    model.train(was_training)
+    return tuple(feats.shape[-2:])
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_twin(tv: nn.Module, zoo: nn.Module) -> dict:
+    """The torchvision CIFAR adaptation must be our architecture: same param count, same final map."""
+    info = {
+        "tv_params": num_params(tv),
+        "zoo_params": num_params(zoo),
+        "tv_map": feature_map_size(tv),
+        "zoo_map": feature_map_size(zoo),
+    }
+    if info["tv_params"] != info["zoo_params"] or info["tv_map"] != info["zoo_map"]:
+        raise RuntimeError(f"torchvision CIFAR adaptation differs from the zoo model: {info}")
+    return info
+
+
+# -- one training step ------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
+    params = param_groups(model, WEIGHT_DECAY) if settings.param_groups else model.parameters()
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+
+
+class TrainStep:
+    """One training step of `model` with `settings` on a fixed random batch (32x32, NCHW float32, as
+    the fast data path hands it over; the channels-last copy is part of the step, as in
+    `ClassifierModule.forward`)."""
+
+    def __init__(self, model: nn.Module, settings: Settings, batch: int, num_classes: int = 10, seed: int = 0, size: int = 32):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, 3, size, size, generator=gen)
+        self.y = torch.randint(0, num_classes, (batch,), generator=gen)
+        self.settings = settings
+        self.model = model.train()
+        if settings.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(self.model, settings)
+        self.batch = batch
+        self.last_loss = float("nan")
+
+    def __call__(self) -> torch.Tensor:
+        s = self.settings
+        x = self.x.contiguous(memory_format=torch.channels_last) if s.channels_last else self.x
+        with torch.autocast("cpu", dtype=s.amp_dtype or torch.bfloat16, enabled=s.amp_dtype is not None):
+            logits = self.model(x).float()
+            loss = F.cross_entropy(logits, self.y, label_smoothing=LABEL_SMOOTHING)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, steps: int = 1, log=None) -> dict[str, Timing]:
+    """Seconds per step of each callable, interleaved: `warmup` untimed calls each, then `rounds`
+    rounds in which every callable runs `steps` times (one sample), the order rotating by one
+    every round."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    out = {name: Timing(inner=steps) for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(steps):
+                fns[name]()
+            out[name].samples.append((time.perf_counter() - start) / steps)
+        if log:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n].samples[-1]:.2f} s" for n in names))
+    return out
+
+
+def img_s(t: Timing, batch: int) -> float:
+    return batch / t.median
+
+
+# -- part 1: zoo vs torchvision ---------------------------------------------------------------
+
+ROWS = [  # (key, model, settings); the first row is the baseline
+    ("tv_plain", "torchvision", PLAIN),
+    ("tv_default", "torchvision", DEFAULT),
+    ("zoo_plain", "zoo", PLAIN),
+    ("zoo_default", "zoo", DEFAULT),
+]
+
+
+def head_to_head(batch: int, rounds: int, warmup: int = 1, steps: int = 1, width: float = 1.0, log=None) -> dict:
+    """Part 1. Returns {"check": ..., "rows": [dict per row], "ratios": {...}}."""
+    builders = {"torchvision": torchvision_mobilenet_v2_cifar, "zoo": zoo_mobilenet_v2}
+    torch.manual_seed(0)
+    check = check_twin(builders["torchvision"](width=width), builders["zoo"](width=width))
+    cost = models.profile(builders["zoo"](width=width), (1, 3, 32, 32))
+    steps_by_key = {}
+    for key, which, settings in ROWS:
+        torch.manual_seed(0)
+        steps_by_key[key] = TrainStep(builders[which](width=width), settings, batch)
+    timings = time_rounds(steps_by_key, rounds, warmup, steps, log=log)
+    base = timings["tv_plain"]
+    rows = []
+    for key, which, settings in ROWS:
+        t = timings[key]
+        label = ("torchvision mobilenet_v2 (cifar-adapted)" if which == "torchvision" else "zoo mobilenet_v2 (stem cifar)")
+        rows.append({
+            "table": "mobilenet_v2",
+            "row": key,
+            "model": label,
+            "settings": f"{settings.name}: {settings.describe()}",
+            "batch": batch,
+            "img_s": img_s(t, batch),
+            "img_s_min": batch / max(t.samples),
+            "img_s_max": batch / min(t.samples),
+            "speedup_vs_tv_plain": paired_ratio(base, t),
+            "rounds": len(t.samples),
+            "finite": steps_by_key[key].finite(),
+        })
+    ratios = {
+        "zoo_default/tv_plain (target >= 1.3)": paired_ratio(base, timings["zoo_default"]),
+        "settings, torchvision: tv_default/tv_plain": paired_ratio(base, timings["tv_default"]),
+        "settings, zoo: zoo_default/zoo_plain": paired_ratio(timings["zoo_plain"], timings["zoo_default"]),
+        "architecture, plain: zoo_plain/tv_plain": paired_ratio(base, timings["zoo_plain"]),
+        "architecture, default: zoo_default/tv_default": paired_ratio(timings["tv_default"], timings["zoo_default"]),
+    }
+    return {"check": check, "cost": cost, "rows": rows, "ratios": ratios}
+
+
+def head_to_head_table(result: dict) -> str:
+    rows = [
+        [r["model"], r["settings"], f"{r['img_s']:,.0f}", f"{r['img_s_min']:,.0f}-{r['img_s_max']:,.0f}", f"{r['speedup_vs_tv_plain']:.2f}x"]
+        for r in result["rows"]
+    ]
+    return md_table(["model", "settings", "train img/s (median)", "range over rounds", "vs torchvision plain"], rows, right=[False, False, True, True, True])
+
+
+# -- part 2: every model ----------------------------------------------------------------------
+
+
+def all_models(batch: int, rounds: int, warmup: int = 1, steps: int = 1, names: list[str] | None = None, width: float = 1.0, log=None) -> list[dict]:
+    """Part 2: median training img/s of each registered model (cifar stem, default settings)."""
+    names = list(names or models.list_models())
+    fns, costs = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model = models.create_model(name, num_classes=10, stem="cifar", width=width)
+        costs[name] = models.profile(model, (1, 3, 32, 32))
+        fns[name] = TrainStep(model, DEFAULT, batch)
+    timings = time_rounds(fns, rounds, warmup, steps, log=log)
+    return [
+        {
+            "table": "models",
+            "model": name,
+            "width": width,
+            "params": costs[name]["params"],
+            "macs": costs[name]["macs"],
+            "batch": batch,
+            "img_s": img_s(timings[name], batch),
+            "img_s_min": batch / max(timings[name].samples),
+            "img_s_max": batch / min(timings[name].samples),
+            "rounds": len(timings[name].samples),
+            "finite": fns[name].finite(),
+        }
+        for name in names
+    ]
+
+
+def all_models_table(rows: list[dict]) -> str:
+    return md_table(
+        ["model", "params", "mult-adds", "train img/s"],
+        [[f"`{r['model']}`", f"{r['params'] / 1e6:.3f} M", f"{r['macs'] / 1e6:,.1f} M", f"{r['img_s']:,.0f}"] for r in rows],
+    )
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256, help="part 1 batch size (default 256, the training default)")
+    p.add_argument("--rounds", type=int, default=7, help="part 1 timed rounds (median over rounds)")
+    p.add_argument("--steps", type=int, default=1, help="training steps per sample (both parts)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row before timing (both parts)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: docs/training.md, 'Threads')")
+    p.add_argument("--all", action="store_true", help="part 2: every registered model, default settings")
+    p.add_argument("--all-batch", type=int, default=128, help="part 2 batch size (default 128, to stay under ~10 min)")
+    p.add_argument("--all-rounds", type=int, default=5, help="part 2 timed rounds")
+    p.add_argument("--models", nargs="+", default=None, help="part 2: only these models")
+    p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
+    p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    cmd = "python -m benchmarks.train_speed " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"`{cmd.strip()}`\n")
+    print(f"Machine: {machine_info()}\n")
+    csv_rows: list[dict] = []
+    t0 = time.perf_counter()
+    if not args.skip_head_to_head:
+        res = head_to_head(args.batch, args.rounds, args.warmup, args.steps, log=log)
+        c = res["check"]
+        print(
+            f"## mobilenet_v2, CIFAR layout, batch {args.batch}, {args.rounds} rounds x {args.steps} step(s)\n\n"
+            f"Twin check: torchvision cifar-adapted {c['tv_params']:,} params, final map {c['tv_map'][0]}x{c['tv_map'][1]}; "
+            f"zoo {c['zoo_params']:,} params, {c['zoo_map'][0]}x{c['zoo_map'][1]}; {res['cost']['macs'] / 1e6:.1f} M mult-adds.\n"
+        )
+        print(head_to_head_table(res) + "\n")
+        print(md_table(["ratio (median of per-round ratios)", "value"], [[k, f"{v:.2f}x"] for k, v in res["ratios"].items()]) + "\n")
+        target = res["ratios"]["zoo_default/tv_plain (target >= 1.3)"]
+        print(f"Target (issue 4): zoo default >= 1.3x torchvision plain: {'MET' if target >= 1.3 else 'NOT MET'} ({target:.2f}x).\n")
+        if not all(r["finite"] for r in res["rows"]):
+            print("WARNING: some weights became non-finite during the run\n")
+        csv_rows += [dict(r, **{"tv_map": "x".join(map(str, c["tv_map"]))}) for r in res["rows"]]
+        csv_rows += [{"table": "ratios", "row": k, "speedup_vs_tv_plain": v} for k, v in res["ratios"].items()]
+    if args.all:
+        rows = all_models(args.all_batch, args.all_rounds, args.warmup, args.steps, names=args.models, log=log)
+        print(
+            f"## Every model, cifar stem, width 1.0, 10 classes, default settings (bf16 autocast, channels-last), "
+            f"batch {args.all_batch}, {args.all_rounds} rounds x {args.steps} step(s)\n"
+        )
+        print(all_models_table(rows) + "\n")
+        if not all(r["finite"] for r in rows):
+            print("WARNING: non-finite weights in: " + ", ".join(r["model"] for r in rows if not r["finite"]) + "\n")
+        csv_rows += rows
+    print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.out is not None and csv_rows:
+        write_csv(args.out, csv_rows)
+        print(f"CSV: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""`benchmarks/train_speed.py` runs end to end on tiny settings, and its torchvision CIFAR adaptation
+is our mobilenet_v2 (same params, same final map). No timing assertions: the numbers live in
+docs/train_speed.md."""
+
+import csv
+import math
+
+import torch
+
+from benchmarks import train_speed as ts
+
+
+def test_torchvision_cifar_adaptation_is_our_mobilenet_v2():
+    tv, zoo = ts.torchvision_mobilenet_v2_cifar(), ts.zoo_mobilenet_v2()
+    info = ts.check_twin(tv, zoo)
+    assert info["tv_params"] == info["zoo_params"] == ts.CIFAR_PARAMS == 2_236_682
+    assert info["tv_map"] == info["zoo_map"] == (4, 4)
+    assert tv.features[0][0].stride == (1, 1) and tv.features[2].conv[1][0].stride == (1, 1)
+
+
+def test_train_step_follows_the_settings():
+    step = ts.TrainStep(ts.zoo_mobilenet_v2(width=0.25), ts.DEFAULT, batch=4)
+    assert step.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert [g["weight_decay"] for g in step.opt.param_groups] == [ts.WEIGHT_DECAY, 0.0]
+    assert step.opt.param_groups[0]["nesterov"]
+    before = [p.detach().clone() for p in step.model.parameters()]
+    loss = step()
+    assert math.isfinite(loss.item()) and step.finite()
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.model.parameters()))  # it trained
+    assert all(p.grad is None for p in step.model.parameters())  # zero_grad(set_to_none=True)
+    plain = ts.TrainStep(ts.torchvision_mobilenet_v2_cifar(width=0.25), ts.PLAIN, batch=4)
+    assert len(plain.opt.param_groups) == 1 and math.isfinite(plain().item())
+
+
+def test_head_to_head_and_all_models_run():
+    res = ts.head_to_head(batch=4, rounds=1, warmup=0, steps=1, width=0.25)
+    assert [r["row"] for r in res["rows"]] == ["tv_plain", "tv_default", "zoo_plain", "zoo_default"]
+    assert all(r["img_s"] > 0 and r["finite"] for r in res["rows"])
+    assert res["rows"][0]["speedup_vs_tv_plain"] == 1.0
+    assert "zoo_default/tv_plain (target >= 1.3)" in res["ratios"]
+    assert "vs torchvision plain" in ts.head_to_head_table(res)
+
+    rows = ts.all_models(batch=4, rounds=1, warmup=0, names=["resnet20", "mobilenet_v3_small"], width=0.25)
+    assert [r["model"] for r in rows] == ["resnet20", "mobilenet_v3_small"]
+    assert all(r["params"] > 0 and r["macs"] > 0 and r["img_s"] > 0 for r in rows)
+    assert "| `resnet20` |" in ts.all_models_table(rows)
+
+
+def test_command_line_prints_tables_and_writes_csv(tmp_path, capsys):
+    out = tmp_path / "ts.csv"
+    threads = torch.get_num_threads()
+    try:
+        ts.main(["--batch", "4", "--rounds", "1", "--warmup", "0", "--all", "--all-batch", "4", "--all-rounds", "1",
+                 "--models", "resnet20", "--out", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "Twin check: torchvision cifar-adapted 2,236,682 params, final map 4x4" in text
+    assert "| model | params | mult-adds | train img/s |" in text
+    with open(out) as f:
+        tables = {row["table"] for row in csv.DictReader(f)}
+    assert tables == {"mobilenet_v2", "ratios", "models"}
