@@ -26,4 +26,5 @@ __all__ = [
     "profile",
     "layer_table",
     "format_layer_table",
+    "fuse",
 ]

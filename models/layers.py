@@ -24,6 +24,7 @@ LayerFactory = Callable[..., nn.Module]
 
 __all__ = [
     "make_divisible",
+    "init_weights",
     "ConvMode",
     "ConvNormAct",
     "DepthwiseConv",
@@ -83,6 +84,23 @@ class ConvMode:
     def __repr__(self) -> str:
         extra = f", pointwise_kernel_size={self.pointwise_kernel_size}" if self.name == "pointwise_kxk" else ""
         return f"ConvMode({self.name!r}{extra})"
+
+
+def init_weights(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """The reference initialisation of torchvision's CNNs: convs kaiming normal (fan_out) with zero
+    bias, norms 1/0, and Linear layers normal(0, `linear_std`) with zero bias (None keeps
+    nn.Linear's default, as torchvision's ResNets and timm's Xception do)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, PointwiseConv)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)
 
 
 def _act(act_layer: LayerFactory | None) -> nn.Module:

@@ -20,8 +20,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .layers import ConvMode, ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
-from .pointwise import PointwiseConv
+from .layers import init_weights, ConvMode, ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from .registry import register_model
 
 __all__ = ["MobileNetV3"]
@@ -107,18 +106,7 @@ class MobileNetV3(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # As torchvision: kaiming normal (fan_out) convs, unit BN, Linears normal(0, 0.01).
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, PointwiseConv)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)  # as torchvision: classifier normal(0, 0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

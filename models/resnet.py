@@ -32,8 +32,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .layers import BasicBlock, Bottleneck, ConvMode, ConvNormAct, SqueezeExcite, make_divisible
-from .pointwise import PointwiseConv
+from .layers import init_weights, BasicBlock, Bottleneck, ConvMode, ConvNormAct, SqueezeExcite, make_divisible
 from .registry import register_model
 
 __all__ = ["ResNet"]
@@ -98,14 +97,8 @@ class ResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        # As torchvision (and He et al. 2015 "Delving deep"): kaiming normal, fan_out; BN 1/0;
-        # the classifier keeps nn.Linear's default.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, PointwiseConv)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # As torchvision (and He et al. 2015 "Delving deep"); the classifier keeps nn.Linear's default.
+        init_weights(self, linear_std=None)
         if zero_init_residual:  # each residual branch starts as zero, so each block as identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, Bottleneck):

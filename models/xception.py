@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
-from .pointwise import PointwiseConv
+from .layers import init_weights, ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
 from .registry import register_model
 
 __all__ = ["Xception", "XceptionBlock"]
@@ -142,13 +141,7 @@ class Xception(nn.Module):
         self.dropout = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(in_chs, num_classes)
 
-        # As timm's legacy_xception: kaiming normal (fan_out) convs, BN 1/0, default nn.Linear.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, PointwiseConv)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=None)  # as timm's legacy_xception: nn.Linear's default for the classifier
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
