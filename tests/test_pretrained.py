@@ -130,6 +130,13 @@ def test_unknown_entry_and_conflicting_options(fake_weights_dir):
 SHIPPED = models.list_pretrained()
 
 
+def test_the_required_entries_are_shipped():
+    required = {"mobilenet_v2", "mobilenet_v2.w0_5", "mobilenet_v1", "xception_small", "resnet38_bottleneck",
+                "se_resnet20", "resnet20", "resnet56"}  # fmt: skip
+    assert required <= set(SHIPPED)
+    assert models.pretrained_meta("mobilenet_v2.w0_5")["build"]["width"] == 0.5
+
+
 def test_weights_budget_and_files():
     total = sum((pretrained_mod.WEIGHTS_DIR / models.pretrained_meta(e)["file"]).stat().st_size for e in SHIPPED)
     assert total < 60e6, f"shipped weights take {total / 1e6:.1f} MB; the budget is 60 MB"

@@ -1,0 +1,51 @@
+"""Check that every shipped entry's card states the validation accuracy `eval.py` measures.
+
+    python tools/verify_pretrained.py --data-root ../shared/data/cifar10
+
+Runs each card's documented `eval.py ... pretrained=true` command as a subprocess and prints a
+table of stated vs measured top-1; exits 1 if any differs by more than 0.01 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("entries", nargs="*", help="default: all shipped entries")
+    args = parser.parse_args()
+    rows, failed = [], False
+    for entry in args.entries or models.list_pretrained():
+        meta = models.pretrained_meta(entry)
+        command = shlex.split(meta["eval_command"])
+        command = [a if not a.startswith("data.root=") else f"data.root={args.data_root}" for a in command]
+        out = subprocess.run(
+            [sys.executable, *command[1:], "cpu_threads=1", "trainer.enable_progress_bar=false", "hydra.run.dir=runs/eval/verify"],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        found = re.search(r"\| top-1\s*\|\s*([\d.]+)%", out.stdout)
+        measured = float(found.group(1)) if found else None
+        ok = measured is not None and abs(measured - meta["val_acc"]) <= 0.01
+        failed |= not ok
+        rows.append((entry, meta["val_acc"], measured, "ok" if ok else out.stderr[-300:]))
+    print("| entry | card val acc | eval.py val acc | |\n|---|---:|---:|---|")
+    for entry, stated, measured, status in rows:
+        print(f"| `{entry}` | {stated:.2f}% | {'-' if measured is None else f'{measured:.2f}%'} | {status} |")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
