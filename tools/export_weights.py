@@ -117,7 +117,8 @@ def main() -> None:
                       "carved_from": "the CIFAR-10 training split (data.root/train); the test split was not used"},
         "recipe": {
             "command": "python train.py " + " ".join(overrides),
-            "config": config,
+            "config": {**config, "run_dir": str(Path(config["run_dir"]).resolve().relative_to(REPO))
+                       if Path(config["run_dir"]).resolve().is_relative_to(REPO) else config["run_dir"]},
             "epochs": summary["epochs"],
             "wall_seconds": round(summary["wall_seconds"], 1),
             "train_images_per_second": round(summary["images_per_second"], 1),
