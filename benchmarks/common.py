@@ -163,7 +163,7 @@ def merge_peaks(*measurements: dict) -> dict:
     return out
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -189,7 +189,7 @@ def machine_info() -> str:
     """One line: CPU, cores, SIMD flags, threads, torch version, date, load average."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
-        f"{_cpu_name()}, {os.cpu_count()} cores ({_cpu_flags()}); torch {torch.__version__} "
+        f"{cpu_name()}, {os.cpu_count()} cores ({_cpu_flags()}); torch {torch.__version__} "
         f"(capability {torch.backends.cpu.get_cpu_capability()}), threads={torch.get_num_threads()}; "
         f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; load average {load}"
     )

@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:  # `python tools/ablation_report.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402
+from benchmarks.common import cpu_name  # noqa: E402
 
 MODES = models.ConvMode.MODES
 # Keys of a run config that may differ between the rows of one ablation (the thing ablated,
@@ -441,16 +441,6 @@ def write_plots(rows: Sequence[Row], out: Path, title: str, threads: int) -> lis
     return paths
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def recipe_line(runs: Sequence[Run]) -> str:
     c = runs[0].config
     trainer, data, optim, model = c.get("trainer", {}), c.get("data", {}), c.get("optim", {}), c.get("model", {})
@@ -631,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         times = measure_latency(named, repeats=args.repeats)
         for row in rows:
             row.latency = times[row.label]
-    info = {"threads": torch.get_num_threads(), "repeats": args.repeats, "cpu": _cpu_name(),
+    info = {"threads": torch.get_num_threads(), "repeats": args.repeats, "cpu": cpu_name(),
             "plots": not args.no_plots, "out_arg": str(args.out)}
     write_report(rows, runs, args.runs, args.out, info)
     print(text_table(rows))
