@@ -9,7 +9,6 @@ table of stated vs measured top-1; exits 1 if any differs by more than 0.01 poin
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
