@@ -13,8 +13,8 @@ cost is under 1 % of a step, docs/training.md).
 
 Settings ("default" = what `train.py` uses unless told otherwise; "plain" = what a user gets out of
 the box):
-  default: bf16 autocast on CPU (`trainer.precision=bf16-mixed`: forward and loss under
-           `torch.autocast("cpu", dtype=torch.bfloat16)`), model and input channels-last
+  default: `trainer.precision=auto` -- bf16 autocast on a CPU that computes bf16 natively
+           (AVX512-BF16/AMX), float32 otherwise; model and input channels-last
            (`channels_last=true`), the optimizer over `training.module.param_groups` (weight decay
            5e-4 on conv/linear weights only);
   plain:   float32, NCHW, the optimizer over `model.parameters()` with weight decay 5e-4 on all.
@@ -65,6 +65,7 @@ import torch.nn.functional as F
 import models
 from benchmarks.common import Timing, machine_info, md_table, paired_ratio, write_csv
 from training.module import param_groups
+from training.pipeline import native_bf16_cpu
 
 CIFAR_PARAMS = 2_236_682  # zoo mobilenet_v2, cifar stem, 10 classes (README)
 LR = 0.02  # configs/optim/sgd.yaml: lr 0.2 x warmup_start_factor 0.1
@@ -89,8 +90,16 @@ class Settings:
         return f"{prec}, {fmt}, {opt}"
 
 
-DEFAULT = Settings("default", torch.bfloat16, True, True)
+# train.py's default (`trainer.precision=auto`): bf16 autocast only where the CPU computes in bf16.
+DEFAULT = Settings("default", torch.bfloat16 if native_bf16_cpu() else None, True, True)
 PLAIN = Settings("plain", None, False, False)
+# Part 3: the precision x memory-format grid that `trainer.precision=auto` and `channels_last` choose from.
+GRID = [
+    Settings("bf16 channels-last", torch.bfloat16, True, True),
+    Settings("bf16 NCHW", torch.bfloat16, False, True),
+    Settings("fp32 channels-last", None, True, True),
+    Settings("fp32 NCHW", None, False, True),
+]
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -305,6 +314,36 @@ def all_models_table(rows: list[dict]) -> str:
     )
 
 
+# -- part 3: precision and memory format ------------------------------------------------------
+
+
+def precision_grid(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int = 1, log=None) -> list[dict]:
+    """Part 3: each model under every GRID setting, all rows interleaved in the same rounds; the
+    speed-up is against fp32 channels-last (what `precision=auto` picks on a CPU without bf16)."""
+    fns = {}
+    for name in names:
+        for settings in GRID:
+            torch.manual_seed(0)
+            fns[(name, settings.name)] = TrainStep(models.create_model(name, num_classes=10), settings, batch)
+    keyed = {f"{n}/{s}": fn for (n, s), fn in fns.items()}
+    timings = time_rounds(keyed, rounds, warmup, steps, log=log)
+    rows = []
+    for name in names:
+        base = timings[f"{name}/fp32 channels-last"]
+        for settings in GRID:
+            t = timings[f"{name}/{settings.name}"]
+            rows.append({"table": "precision", "model": name, "settings": settings.name, "batch": batch,
+                         "img_s": img_s(t, batch), "speedup_vs_fp32_cl": paired_ratio(base, t),
+                         "rounds": len(t.samples), "finite": fns[(name, settings.name)].finite()})
+    return rows
+
+
+def precision_table(rows: list[dict]) -> str:
+    return md_table(["model", "settings", "train img/s (median)", "vs fp32 channels-last"],
+                    [[f"`{r['model']}`", r["settings"], f"{r['img_s']:,.0f}", f"{r['speedup_vs_fp32_cl']:.2f}x"] for r in rows],
+                    right=[False, False, True, True])
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -319,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--all-batch", type=int, default=128, help="part 2 batch size (default 128, to stay under ~10 min)")
     p.add_argument("--all-rounds", type=int, default=5, help="part 2 timed rounds")
     p.add_argument("--models", nargs="+", default=None, help="part 2: only these models")
+    p.add_argument("--precision", nargs="*", default=None, metavar="MODEL",
+                   help="part 3: bf16/fp32 x channels-last/NCHW for these models (default resnet20 mobilenet_v2), at --all-batch")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -353,12 +394,20 @@ def main(argv=None) -> int:
     if args.all:
         rows = all_models(args.all_batch, args.all_rounds, args.warmup, args.steps, names=args.models, log=log)
         print(
-            f"## Every model, cifar stem, width 1.0, 10 classes, default settings (bf16 autocast, channels-last), "
+            f"## Every model, cifar stem, width 1.0, 10 classes, default settings ({DEFAULT.describe()}), "
             f"batch {args.all_batch}, {args.all_rounds} rounds x {args.steps} step(s)\n"
         )
         print(all_models_table(rows) + "\n")
         if not all(r["finite"] for r in rows):
             print("WARNING: non-finite weights in: " + ", ".join(r["model"] for r in rows if not r["finite"]) + "\n")
+        csv_rows += rows
+    if args.precision is not None:
+        names = args.precision or ["resnet20", "mobilenet_v2"]
+        rows = precision_grid(names, args.all_batch, args.all_rounds, args.warmup, args.steps, log=log)
+        print(f"## Precision and memory format, batch {args.all_batch}, {args.all_rounds} rounds x {args.steps} step(s); "
+              f"this CPU computes bf16 natively: {'yes' if native_bf16_cpu() else 'no'} "
+              f"(trainer.precision=auto picks {'bf16-mixed' if native_bf16_cpu() else '32-true'})\n")
+        print(precision_table(rows) + "\n")
         csv_rows += rows
     print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out is not None and csv_rows:

@@ -22,7 +22,7 @@ def run_eval(tmp_path: Path, *overrides: str) -> dict:
 
 
 def test_eval_reports_test_split_metrics_and_writes_the_confusion_matrix(trained_run, tmp_path, capsys):
-    report = run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}")
+    report = run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}")
     assert report["split"] == "test" and report["num_images"] == 40  # the test_batch, not validation
     assert 0 <= report["top1"] <= report["top5"] <= 1 and report["loss"] > 0
     assert set(report["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
@@ -36,7 +36,7 @@ def test_eval_reports_test_split_metrics_and_writes_the_confusion_matrix(trained
     for label in ("top-1", "top-5", "loss", "per-class accuracy", "truck"):
         assert label in out
 
-    # The number train.py reported for the best checkpoint is the one eval.py finds.
+    # The number train.py reported for the final weights (their EMA) is the one eval.py finds.
     summary = json.loads((trained_run / "summary.json").read_text())
     assert report["top1"] == pytest.approx(summary["test_acc"])
 

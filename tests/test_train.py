@@ -111,10 +111,70 @@ def test_train_writes_one_run_folder_with_everything(compose_train, tmp_path, ca
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
 
 
-def test_train_on_cifar_files_tests_the_best_checkpoint(trained_run):
+def test_train_on_cifar_files_tests_the_final_weights(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["test_split"] == "test" and 0 <= summary["test_acc"] <= 1
-    assert Path(summary["best_ckpt"]).name == "best.ckpt"
+    assert Path(summary["best_ckpt"]).name == "best.ckpt" and Path(summary["last_ckpt"]).name == "last.ckpt"
+
+
+# -- weight EMA ---------------------------------------------------------------------------------
+
+
+class RecordWeights(L.Callback):
+    """The model's state before training and after every optimizer step (after WeightEMA's update)."""
+
+    def __init__(self):
+        self.states = []
+
+    def _record(self, pl_module):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    def on_train_start(self, trainer, pl_module):
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._record(pl_module)
+
+
+def test_weight_ema_averages_weights_and_bn_buffers_and_is_what_validation_sees(compose_train, tmp_path):
+    from conftest import eval_overrides
+    from training.checkpoints import model_state_dict
+    from training.pipeline import evaluate
+
+    record = RecordWeights()
+    summary = train(compose_train("optim.ema_decay=0.9"), callbacks=[record])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(last)
+    ema, raw = ckpt["ema_state_dict"], model_state_dict(ckpt, ema=False)
+    assert model_state_dict(ckpt) is not raw and ema.keys() == raw.keys() and ckpt["ema_decay"] == 0.9
+
+    # the same average by hand: it starts at the initial weights; after optimizer step t (1, 2, ...)
+    # the decay is min(decay, (1 + t) / (10 + t))
+    expected = record.states[0]
+    for step, state in enumerate(record.states[1:], start=1):
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = {k: expected[k] * d + v * (1 - d) if v.is_floating_point() else v for k, v in state.items()}
+    for k in raw:
+        assert torch.allclose(ema[k], expected[k], atol=1e-6), k
+    assert not torch.equal(ema["classifier.weight"], raw["classifier.weight"])
+    assert any("running_var" in k and not torch.equal(ema[k], raw[k]) for k in raw)  # BN buffers averaged too
+
+    # validation ran on the average, and eval.py evaluates the average unless told eval.ema=false
+    def run_eval(*extra):
+        overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={last}", *extra]
+        return evaluate(compose_config("eval", overrides), overrides=overrides)
+
+    final_val_loss = float([r for r in metrics_rows(tmp_path / "run") if r["val/loss"]][-1]["val/loss"])
+    assert run_eval()["loss"] == pytest.approx(final_val_loss, rel=1e-4)
+    assert run_eval("eval.ema=false")["loss"] != pytest.approx(final_val_loss, rel=1e-4)
+    assert summary["final_val_acc"] == pytest.approx(run_eval()["top1"]) and summary["ema_decay"] == 0.9
+
+
+def test_ema_off_and_bad_decay(compose_train, tmp_path):
+    train(compose_train("optim.ema_decay=null", "trainer.max_epochs=1"))
+    assert "ema_state_dict" not in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"optim.ema_decay=1.5.*\(0, 1\)"):
+        train(compose_train("optim.ema_decay=1.5"))
 
 
 def test_the_per_image_torchvision_loader_trains_too(compose_train):
@@ -284,3 +344,23 @@ def test_empty_data_root_image_folder_tree_with_only_other_files(tmp_path, compo
         png.rename(png.with_suffix(".txt"))
     with pytest.raises(DataError, match="holds no images"):
         train(compose_train(data_root=root))
+
+
+def test_precision_auto_picks_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from training import pipeline
+
+    assert pipeline.resolve_precision("32-true", "cpu") == "32-true"  # explicit values pass through
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert pipeline.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert pipeline.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pipeline.resolve_precision("auto", "gpu") == "16-mixed"
+    assert compose_config("train", []).trainer.precision == "auto"
+
+
+def test_the_resolved_precision_is_recorded(compose_train, monkeypatch):
+    from training import pipeline
+
+    monkeypatch.setattr(pipeline, "native_bf16_cpu", lambda: False)
+    assert train(compose_train("trainer.max_epochs=1"))["precision"] == "32-true"

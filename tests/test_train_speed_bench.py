@@ -60,3 +60,11 @@ def test_command_line_prints_tables_and_writes_csv(tmp_path, capsys):
     with open(out) as f:
         tables = {row["table"] for row in csv.DictReader(f)}
     assert tables == {"mobilenet_v2", "ratios", "models"}
+
+
+def test_precision_grid_times_every_setting_against_fp32_channels_last():
+    rows = ts.precision_grid(["resnet20"], batch=2, rounds=1, warmup=0)
+    assert [r["settings"] for r in rows] == [g.name for g in ts.GRID]
+    assert all(r["img_s"] > 0 and r["finite"] for r in rows)
+    assert [r["speedup_vs_fp32_cl"] for r in rows if r["settings"] == "fp32 channels-last"] == [1.0]
+    assert ts.DEFAULT.amp_dtype in (None, torch.bfloat16) and ts.DEFAULT.channels_last

@@ -2,7 +2,8 @@
 
     python tools/export_weights.py runs/<model>/<date> --data-root ../shared/data/cifar10
 
-Reads the run's best checkpoint, resolved config, command (.hydra/overrides.yaml) and summary;
+Reads the run's final checkpoint (last.ckpt; its weight EMA when the run kept one, never the
+epoch that scored best on validation), resolved config, command (.hydra/overrides.yaml) and summary;
 stores the weights as safetensors in models/weights/ (fp16 when that moves validation accuracy by
 less than 0.1 points, else fp32); then measures the stored file's validation accuracy with the
 same code `python eval.py model=<name> pretrained=true trainer.precision=32-true` runs (fp32, so
@@ -85,11 +86,11 @@ def main() -> None:
     overrides = [o for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if not o.startswith("ckpt_path=")]
     model_cfg, data_cfg = config["model"], config["data"]
     entry = args.entry or default_entry(model_cfg)
-    best = run / "checkpoints" / "best.ckpt"
-    state = model_state_dict(load_checkpoint(str(best)))
+    final = run / "checkpoints" / "last.ckpt"
+    state = model_state_dict(load_checkpoint(str(final)))
 
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = run_eval(eval_overrides(model_cfg, args.data_root, Path(tmp) / "fp32", [f"ckpt_path={best}"]))
+        fp32 = run_eval(eval_overrides(model_cfg, args.data_root, Path(tmp) / "fp32", [f"ckpt_path={final}"]))
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     CARDS_DIR.mkdir(parents=True, exist_ok=True)
     file = WEIGHTS_DIR / f"{entry}.safetensors"

@@ -1,10 +1,11 @@
-"""Callbacks: throughput/wall-time accounting that survives a resume."""
+"""Callbacks: throughput/wall-time accounting that survives a resume; the weight EMA."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+import torch
 
 
 class ThroughputMeter(L.Callback):
@@ -67,3 +68,64 @@ class ThroughputMeter(L.Callback):
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.train_images = int(state.get("train_images", 0))
         self.prior_seconds = float(state.get("fit_seconds", 0.0))
+
+
+class WeightEMA(L.Callback):
+    """Exponential moving average of the model's weights *and* its BN running statistics.
+
+    Training steps the raw weights; validation (so `val/acc`, the best checkpoint and the end-of-run
+    summary) sees the average, and every checkpoint carries it as `ema_state_dict`, which
+    `training.checkpoints.model_state_dict` prefers: evaluating or exporting a run gives the EMA.
+    Averaging the BN buffers too keeps them consistent with the averaged weights they normalise.
+
+    After optimizer step t (1, 2, ...) the effective decay is min(decay, (1 + t) / (10 + t)), so in
+    short runs the average is not dominated by the random initialisation it starts from.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must lie in (0, 1), got {decay}; use optim.ema_decay=null to switch EMA off")
+        self.decay = decay
+        self.average: dict[str, torch.Tensor] | None = None
+        self._raw: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # after the strategy moved the model to its device and a resumed checkpoint was restored
+        state = pl_module.model.state_dict()
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in state.items()}
+        else:
+            self.average = {k: self.average[k].to(device=v.device, dtype=v.dtype) for k, v in state.items()}
+        # the live tensors, once: state_dict() shares storage with the parameters and buffers
+        self._pairs = [(self.average[k], v) for k, v in state.items()]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # already counts the step just taken
+        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
+        floats = [(a, v) for a, v in self._pairs if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [v for _, v in floats], weight)
+        for a, v in self._pairs:
+            if not a.is_floating_point():  # e.g. BN's num_batches_tracked: a counter, not a quantity to average
+                a.copy_(v)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.average is None or trainer.sanity_checking:
+            return
+        self._raw = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        pl_module.model.load_state_dict(self.average)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # before ModelCheckpoint saves: checkpoints keep the raw weights to resume from
+        if self._raw is not None:
+            pl_module.model.load_state_dict(self._raw)
+            self._raw = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.average is not None:
+            checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.average.items()}
+            checkpoint["ema_decay"] = self.decay
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if "ema_state_dict" in checkpoint:
+            self.average = {k: v.clone() for k, v in checkpoint["ema_state_dict"].items()}

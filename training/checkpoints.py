@@ -47,9 +47,12 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def model_state_dict(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's weights: a Lightning checkpoint's `state_dict` without the `model.` prefix, or a
-    bare state_dict (the kind pretrained weights ship as)."""
+def model_state_dict(ckpt: Mapping[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model's weights: a Lightning checkpoint's weight average (`ema_state_dict`, written by
+    the WeightEMA callback) when it has one and `ema` is true, else its `state_dict` without the
+    `model.` prefix; or a bare state_dict (the kind pretrained weights ship as)."""
+    if ema and isinstance(ckpt.get("ema_state_dict"), Mapping):
+        return dict(ckpt["ema_state_dict"])
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
         state = ckpt["state_dict"]
         return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

@@ -30,6 +30,7 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("model", _model(s)),
         ("params", f"{_human(s['params'])} ({s['params']:,})"),
         ("mult-adds", f"{_human(s['macs'])} ({s['macs']:,})"),
+        ("final val acc", _pct(s.get("final_val_acc")) + (f" (weight EMA, decay {s['ema_decay']})" if s.get("ema_decay") else "")),
         ("best val acc", f"{_pct(s.get('best_val_acc'))} (epoch {s.get('best_epoch', '?')})"),
         ("test acc", test),
         ("wall time", f"{s['wall_seconds']:.1f} s"),
