@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import models
 
+from .allocator import keep_freed_memory
 from .callbacks import ThroughputMeter, WeightEMA
 from .checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
 from .config import cli_overrides, to_plain
@@ -100,6 +101,8 @@ def profile_model(model: torch.nn.Module, image_size: int = 32) -> dict[str, int
 def set_cpu_threads(config: dict) -> None:
     if config.get("cpu_threads"):
         torch.set_num_threads(int(config["cpu_threads"]))
+    if config.get("keep_freed_memory", True):
+        keep_freed_memory()
 
 
 def _checkpoint_epoch(path: str) -> int | None:
@@ -248,7 +251,7 @@ def eval_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[dict, dict |
     run_cfg = {
         "model": dict(model_cfg), "data": dict(data_cfg), "optim": {}, "pretrained": pretrained,
         "channels_last": bool(config.get("channels_last", False)), "compile": False,
-        "cpu_threads": config.get("cpu_threads"),
+        "cpu_threads": config.get("cpu_threads"), "keep_freed_memory": config.get("keep_freed_memory", True),
         "seed": int(config.get("seed", 0)), "trainer": config["trainer"], "run_dir": config["run_dir"],
         "eval": config.get("eval") or {}, "ckpt_path": ckpt_path,
     }

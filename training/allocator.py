@@ -1,0 +1,43 @@
+"""Keep freed tensor memory inside the process (glibc `mallopt`), so training steps stop page-faulting.
+
+PyTorch's CPU tensors come from malloc. With glibc's defaults every step's large activations are
+returned to the operating system when freed and page-faulted back in on the next step; where page
+faults are expensive (virtual machines, sandboxes) that costs more than the arithmetic of the
+elementwise layers. Raising the trim threshold and padding the heap makes the freed memory reusable.
+Measured on a 2-core Xeon sandbox, fresh processes alternated (docs/training.md, "Memory allocator"):
+mobilenet_v2 trains about 1.5x faster and resnet20 about 1.08x.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+_done = False
+
+
+def keep_freed_memory(top_pad: int = 512 << 20, mmap_threshold: int = 32 << 20) -> bool:
+    """Tune glibc malloc for training: never trim the heap, grow it `top_pad` bytes at a time, and
+    serve blocks up to `mmap_threshold` (glibc's maximum, 32 MiB) from the reusable heap instead of
+    fresh mmaps. Returns whether it applied (False off Linux/glibc). Safe to call more than once."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = all(mallopt(param, value) == 1 for param, value in (
+        (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, top_pad), (M_MMAP_THRESHOLD, mmap_threshold)))
+    _done = ok
+    return ok
