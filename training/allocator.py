@@ -17,15 +17,17 @@ import sys
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
-M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 _done = False
 
 
-def keep_freed_memory(top_pad: int = 512 << 20, mmap_threshold: int = 32 << 20) -> bool:
-    """Tune glibc malloc for training: never trim the heap, grow it `top_pad` bytes at a time, and
-    serve blocks up to `mmap_threshold` (glibc's maximum, 32 MiB) from the reusable heap instead of
-    fresh mmaps. Returns whether it applied (False off Linux/glibc). Safe to call more than once."""
+def keep_freed_memory(top_pad: int = 512 << 20) -> bool:
+    """Tune glibc malloc for training: serve every block from the heap (no per-block mmap, which
+    glibc otherwise uses for anything above 32 MiB, i.e. most activations), never trim the heap,
+    and grow it `top_pad` bytes at a time. Freed activations are then reused by the next step
+    instead of being unmapped and page-faulted back. Returns whether it applied (False off
+    Linux/glibc). Safe to call more than once."""
     global _done
     if _done:
         return True
@@ -38,6 +40,6 @@ def keep_freed_memory(top_pad: int = 512 << 20, mmap_threshold: int = 32 << 20) 
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in (
-        (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, top_pad), (M_MMAP_THRESHOLD, mmap_threshold)))
+        (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, top_pad), (M_MMAP_MAX, 0)))
     _done = ok
     return ok
