@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train and export the shipped CIFAR-10 weights, one entry after another, resuming any run that
 # was interrupted (its last.ckpt) and skipping finished ones. CPU budget recipe: the project's
-# default recipe (SGD + Nesterov, warm-up + cosine, label smoothing 0.1, bf16 autocast, fast
-# uint8 data path), with the short epoch counts below.
+# default recipe (SGD + Nesterov, warm-up + cosine, label smoothing 0.1, weight EMA, fast
+# uint8 data path), with the epochs tools/recipes.sh gives each entry.
 #
 #   DATA_ROOT=../shared/data/cifar10 tools/train_pretrained.sh [entry ...]
 #
@@ -15,17 +15,8 @@ DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10}
 PY=${PYTHON:-python}
 THREADS=${THREADS:-2}
 
-# entry | train.py overrides (the default recipe, docs/recipe.md; only the epochs differ)
-RECIPES=(
-  "resnet20|model=resnet20 trainer.max_epochs=80"
-  "se_resnet20|model=se_resnet20 trainer.max_epochs=80"
-  "resnet38_bottleneck|model=resnet38_bottleneck trainer.max_epochs=80"
-  "mobilenet_v2.w0_5|model=mobilenet_v2 model.width=0.5 trainer.max_epochs=60"
-  "mobilenet_v1|model=mobilenet_v1 trainer.max_epochs=60"
-  "xception_small|model=xception_small trainer.max_epochs=60"
-  "resnet56|model=resnet56 trainer.max_epochs=120"
-  "mobilenet_v2|model=mobilenet_v2 trainer.max_epochs=60"
-)
+# shellcheck source=tools/recipes.sh
+. tools/recipes.sh  # RECIPES: entry | train.py overrides (shared with tools/gpu_train.sh)
 
 wanted=("$@")
 for recipe in "${RECIPES[@]}"; do

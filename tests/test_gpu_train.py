@@ -1,0 +1,59 @@
+"""tools/gpu_train.sh's CPU path: pack the data, train as on the GPU machine, slim, split, unpack,
+and evaluate what came back -- the same commands a GPU session runs, on tiny data."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, compose_config, eval_overrides, make_imagefolder
+from tools.pack_cifar import pack
+from training.checkpoints import load_checkpoint
+from training.pipeline import evaluate
+
+TINY = ("model.width=0.25 data.val_size=20 data.batch_size=16 data.eval_batch_size=32 trainer.accelerator=cpu "
+        "trainer.enable_model_summary=false trainer.num_sanity_val_steps=0 cpu_threads=1")
+
+
+@pytest.mark.slow
+def test_train_slim_split_unpack_and_evaluate(tmp_path):
+    # the layout `prepare` leaves: one CIFAR batch file per folder, as the data calls carry them
+    gpu = tmp_path / "gpu"
+    for path in pack(make_imagefolder(tmp_path / "tree"), tmp_path / "packed"):
+        folder = gpu / ("b" + path.name[-1] if path.name.startswith("data_batch_") else "b1")
+        folder.mkdir(parents=True, exist_ok=True)
+        path.rename(folder / path.name)
+    data = gpu / "data"  # where `train` assembles them
+    out, runs, back = tmp_path / "out", tmp_path / "runs", tmp_path / "back"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), RUNS=str(runs), GPU_DIR=str(gpu), PYTHON=sys.executable,
+               EXTRA=f"{TINY} data.cache_dir={tmp_path / 'cache'}", OMP_NUM_THREADS="1")
+    done = subprocess.run([str(REPO / "tools" / "gpu_train.sh"), "train", "resnet20:2"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    parts = sorted(out.glob("gpu_runs.tar.part*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+
+    restored = subprocess.run([str(REPO / "tools" / "gpu_train.sh"), "unpack", str(out)], cwd=REPO, capture_output=True, text=True,
+                              env=dict(env, RUNS=str(back), NO_EXPORT="1"), timeout=120)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    run = back / "gpu" / "resnet20"
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(last)
+    assert set(ckpt) == {"hyper_parameters", "epoch", "global_step", "ema_decay", "ema_state_dict"}  # slim
+    assert not (run / "checkpoints" / "best.ckpt").exists() and (run / "summary.json").is_file()
+    assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 2  # entry:epochs applied
+
+    # what export_weights reads: the slim checkpoint evaluates to the run's own final validation accuracy
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={last}", f"data.root={data}"]
+    report = evaluate(compose_config("eval", overrides), overrides=overrides)
+    import json
+    assert report["top1"] == pytest.approx(json.loads((run / "summary.json").read_text())["final_val_acc"])
+
+
+def test_unknown_entry_is_named(tmp_path):
+    done = subprocess.run([str(REPO / "tools" / "gpu_train.sh"), "train", "resnet21"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(tmp_path)), timeout=60)
+    assert done.returncode == 2 and "unknown entry 'resnet21'" in done.stderr and "mobilenet_v2" in done.stderr
