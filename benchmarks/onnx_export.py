@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import models
+from models.onnx import export_onnx, ort_session  # noqa: F401  (tests import them from here too)
 from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, paired_ratio, setup, write_csv
 
 CASES = [  # (model, stem, classes, batch, size)
@@ -37,36 +37,6 @@ CASES = [  # (model, stem, classes, batch, size)
     ("resnet20", "cifar", 10, 256, 32),
 ]
 QUICK = [("mobilenet_v2", "cifar", 10, 8, 32), ("resnet20", "cifar", 10, 8, 32)]
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True) -> Path:
-    """Export `model` (eval mode) to `path` with a dynamic batch dimension; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer chatter
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(
-                model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-            )  # fmt: skip
-        else:
-            torch.onnx.export(
-                model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17,
-            )  # fmt: skip
-    return path
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def ort_run(session, x: torch.Tensor) -> np.ndarray:

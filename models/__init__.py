@@ -3,6 +3,7 @@
 from . import layers
 from .cost import format_layer_table, layer_table, profile
 from .fuse import fuse
+from .int8 import Int8Model, quantize
 from .layers import ConvMode
 from .pointwise import PointwiseConv, pointwise_conv2d
 from .pretrained import list_pretrained, pretrained_meta
@@ -27,4 +28,6 @@ __all__ = [
     "layer_table",
     "format_layer_table",
     "fuse",
+    "quantize",
+    "Int8Model",
 ]

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO, compose_config, eval_overrides, make_imagefolder
 from tools.pack_cifar import pack

@@ -1,0 +1,103 @@
+"""int8 against float32 on the CPU, for every shipped entry: latency, size and validation accuracy.
+
+    python -m benchmarks.int8 --data-root ../shared/data/cifar10 [--entries resnet20 ...] [--threads 2] [--out outputs/bench_int8]
+
+Per entry (its shipped weights): float32 eager, `models.fuse` float32 and `models.quantize` int8
+(calibrated on the first --calib training images, never the validation split), timed interleaved
+(`benchmarks.common.bench`, medians) at batch 1 x 224 x 224 and batch 64 x 32 x 32; file size of the
+float32 weights and of the int8 ONNX file; top-1 on the 5,000-image validation split for float32
+and int8. Without --data-root the accuracy columns are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import models
+from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, paired_ratio, setup, write_csv
+
+SHAPES = [(64, 32), (1, 224)]
+
+
+def cifar_split(data_root: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float images and labels of the training or validation split, as train.py carves them."""
+    from training.config import to_plain
+    from training.data import CifarDataModule
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = to_plain(compose("train", [f"data.root={data_root}", "run_dir=."]))
+    dm = CifarDataModule(cfg["data"], seed=0)
+    dm.setup()
+    images, labels = dm.splits[split]
+    images, labels = images[:limit], labels[:limit]
+    mean, std = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std, labels
+
+
+@torch.inference_mode()
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    correct = sum(int((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum()) for i in range(0, len(images), batch))
+    return correct / len(images)
+
+
+def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
+    model = models.create_model(entry, pretrained=True).eval()
+    fused = models.fuse(model)
+    calib = calib if calib is not None else torch.randn(args.calib, 3, 32, 32)
+    q = models.quantize(model, calib, threads=args.threads)
+    row = {"entry": entry, "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
+           "int8_bytes": q.size_bytes}
+    for batch, size in SHAPES:
+        x = torch.randn(batch, 3, size, size)
+        if size != 32:  # the ONNX graph has a fixed image size: a second one for 224, calibrated on upsampled images
+            q = models.quantize(model, F.interpolate(calib[:16], size=size, mode="bilinear").split(4), threads=args.threads)
+        with torch.inference_mode():
+            t = bench({"eager": lambda: model(x), "fuse": lambda: fused(x), "int8": lambda: q(x)}, repeats=args.repeats, budget_s=args.budget)
+        tag = f"b{batch}_{size}"
+        row.update({f"{tag}_eager_s": t["eager"].median, f"{tag}_fuse_s": t["fuse"].median, f"{tag}_int8_s": t["int8"].median,
+                    f"{tag}_int8_vs_fuse": paired_ratio(t["fuse"], t["int8"])})
+    if val is not None:
+        q = models.quantize(model, calib, threads=args.threads)
+        row["val_acc_float32"], row["val_acc_int8"] = accuracy(model, *val), accuracy(q, *val)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        acc = (f"{100 * r['val_acc_float32']:.2f} / {100 * r['val_acc_int8']:.2f} ({100 * (r['val_acc_int8'] - r['val_acc_float32']):+.2f})"
+               if "val_acc_int8" in r else "-")
+        out.append([f"`{r['entry']}`"] + [
+            f"{fmt_time(r[f'b{b}_{s}_eager_s'])} / {fmt_time(r[f'b{b}_{s}_fuse_s'])} / {fmt_time(r[f'b{b}_{s}_int8_s'])} "
+            f"(**{r[f'b{b}_{s}_int8_vs_fuse']:.2f}x**)" for b, s in SHAPES
+        ] + [f"{r['float32_bytes'] / 1e6:.2f} / {r['int8_bytes'] / 1e6:.2f} MB ({r['int8_bytes'] / r['float32_bytes']:.2f})", acc])
+    shapes = [f"b{b} {s}x{s}: eager / fuse / int8 (int8 vs fuse)" for b, s in SHAPES]
+    return md_table(["entry", *shapes, "size float32 / int8", "val top-1 float32 / int8 (%)"], out)
+
+
+def main(argv=None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), "outputs/bench_int8")
+    parser.add_argument("--data-root", default=None, help="CIFAR-10 data.root: calibrate on training images, measure validation accuracy")
+    parser.add_argument("--entries", nargs="+", default=None, help="shipped entries (default: all)")
+    parser.add_argument("--calib", type=int, default=1024, help="training images used to calibrate")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape and entry")
+    args = parser.parse_args(argv)
+    setup(args)
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"`python -m benchmarks.int8 {shown}`\n\nMachine: {machine_info()}\n")
+    calib = cifar_split(args.data_root, "train", args.calib)[0] if args.data_root else None
+    val = cifar_split(args.data_root, "val") if args.data_root else None
+    rows = [run_entry(e, args, calib, val) for e in (args.entries or models.list_pretrained())]
+    print(table(rows))
+    write_csv(args.out / "int8.csv", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
