@@ -179,3 +179,20 @@ def run_script(script: str, *args: str, cwd: Path = REPO, timeout: int = 300, en
 def cli_overrides(data_root: Path, run_dir: Path, cache_dir: Path) -> list[str]:
     """tiny_overrides for the command line: the run folder is Hydra's, not `run_dir=`."""
     return [o for o in tiny_overrides(data_root, run_dir, cache_dir) if not o.startswith("run_dir=")] + [f"hydra.run.dir={run_dir}"]
+
+
+def model_with_bn_statistics(name: str, num_classes: int = 10, stem: str = "cifar", width: float = 0.25):
+    """A zoo model in eval mode whose BN layers have non-trivial running statistics (seeded), so
+    folding, export and quantization are checked against something other than identity norms."""
+    import torch.nn as nn
+
+    import models
+
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=num_classes, stem=stem, width=width).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model

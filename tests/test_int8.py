@@ -8,21 +8,15 @@ import torch
 import torch.nn as nn
 
 import models
+from conftest import model_with_bn_statistics
 from models.int8 import Int8Model, quantize
 
 FAMILIES = ["resnet20", "se_resnet20", "resnet38_bottleneck", "mobilenet_v1", "mobilenet_v2",
             "mobilenet_v3_small", "mobilenet_v3_large", "xception_small"]
 
 
-def random_model(name: str, width: float = 0.25) -> nn.Module:
-    torch.manual_seed(0)
-    model = models.create_model(name, width=width).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+def random_model(name: str) -> nn.Module:
+    return model_with_bn_statistics(name)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

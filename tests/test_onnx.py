@@ -7,12 +7,12 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[dev]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[dev]')")
 
 import models  # noqa: E402
+from conftest import model_with_bn_statistics  # noqa: E402
 from benchmarks.onnx_export import export_onnx, max_rel_error, ort_run, ort_session  # noqa: E402
 
 
@@ -26,14 +26,7 @@ def one_thread():
 
 
 def _model(name, stem):
-    torch.manual_seed(0)
-    model = models.create_model(name, num_classes=7, stem=stem, width=0.25).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return model_with_bn_statistics(name, num_classes=7, stem=stem)
 
 
 @pytest.mark.parametrize(
