@@ -48,6 +48,7 @@ docs/training.md, "Threads").
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 
 import models
 from benchmarks.common import Timing, machine_info, md_table, paired_ratio, write_csv
+from training.allocator import keep_freed_memory
 from training.module import param_groups
 from training.pipeline import native_bf16_cpu
 
@@ -344,6 +346,71 @@ def precision_table(rows: list[dict]) -> str:
                     right=[False, False, True, True])
 
 
+# -- part 4: roofline ---------------------------------------------------------------------------
+
+
+def step_traffic(model: nn.Module, batch: int, settings: Settings = DEFAULT) -> dict:
+    """FLOPs of one training step and the bytes it must move at least. FLOPs: 3x the forward's
+    convolution and linear FLOPs (counted by FlopCounterMode; the backward computes the gradients of
+    the input and of the weights, each costing a forward; FlopCounterMode's own backward formulas
+    count a grouped convolution as if it were dense, which would inflate depthwise networks ~7x).
+    Bytes: every leaf module's output written once by the forward and read once by the
+    backward, plus the parameters (read by the forward, gradients written, then SGD with momentum
+    reads parameter, gradient and momentum and writes parameter and momentum: 7 passes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = TrainStep(copy.deepcopy(model), settings, batch)  # its input batch and layout; not stepped
+    act_bytes = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal act_bytes
+        if isinstance(output, torch.Tensor):
+            act_bytes += output.numel() * output.element_size()
+
+    leaves = [m for m in step.model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=settings.amp_dtype or torch.bfloat16, enabled=settings.amp_dtype is not None):
+            step.model(step.x.contiguous(memory_format=torch.channels_last) if settings.channels_last else step.x)
+    for h in handles:
+        h.remove()
+    param_bytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
+    return {"flops": 3 * counter.get_total_flops(), "bytes": 2 * act_bytes + 7 * param_bytes}
+
+
+def roofline(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int = 1, log=None) -> tuple[dict, list[dict]]:
+    """Part 4: each model's measured step time against its floor max(FLOPs / peak FLOP/s,
+    bytes / bandwidth), with this machine's peaks measured before and after the timing."""
+    from benchmarks.common import measure_peaks, merge_peaks
+
+    peaks_start = measure_peaks()
+    fns, traffic = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model = models.create_model(name, num_classes=10)
+        traffic[name] = step_traffic(model, batch)
+        fns[name] = TrainStep(model, DEFAULT, batch)
+    timings = time_rounds(fns, rounds, warmup, steps, log=log)
+    peaks = merge_peaks(peaks_start, measure_peaks())
+    rows = []
+    for name in names:
+        flops, nbytes, t = traffic[name]["flops"], traffic[name]["bytes"], timings[name].median
+        compute_s, memory_s = flops / (peaks["peak_gflops"] * 1e9), nbytes / (peaks["bw_gbs"] * 1e9)
+        rows.append({"table": "roofline", "model": name, "batch": batch, "step_gflop": flops / 1e9, "step_gb": nbytes / 1e9,
+                     "intensity_flop_per_byte": flops / nbytes, "compute_floor_s": compute_s, "memory_floor_s": memory_s,
+                     "measured_s": t, "img_s": batch / t, "x_floor": t / max(compute_s, memory_s),
+                     "bound": "compute" if compute_s >= memory_s else "memory", "achieved_gflops": flops / t / 1e9})
+    return peaks, rows
+
+
+def roofline_table(rows: list[dict]) -> str:
+    return md_table(
+        ["model", "GFLOP / step", "GB / step (floor)", "FLOP/byte", "floor (bound)", "measured", "x floor", "achieved GFLOP/s"],
+        [[f"`{r['model']}`", f"{r['step_gflop']:.1f}", f"{r['step_gb']:.2f}", f"{r['intensity_flop_per_byte']:.0f}",
+          f"{1e3 * max(r['compute_floor_s'], r['memory_floor_s']):.0f} ms ({r['bound']})", f"{1e3 * r['measured_s']:.0f} ms",
+          f"{r['x_floor']:.1f}x", f"{r['achieved_gflops']:.0f}"] for r in rows])
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -360,6 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, help="part 2: only these models")
     p.add_argument("--precision", nargs="*", default=None, metavar="MODEL",
                    help="part 3: bf16/fp32 x channels-last/NCHW for these models (default resnet20 mobilenet_v2), at --all-batch")
+    p.add_argument("--roofline", nargs="*", default=None, metavar="MODEL",
+                   help="part 4: step FLOPs and bytes against this machine's peaks (default: every model), at --all-batch")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -369,6 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py does (keep_freed_memory=true): every row gets the same allocator
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     cmd = "python -m benchmarks.train_speed " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{cmd.strip()}`\n")
@@ -408,6 +478,12 @@ def main(argv=None) -> int:
               f"this CPU computes bf16 natively: {'yes' if native_bf16_cpu() else 'no'} "
               f"(trainer.precision=auto picks {'bf16-mixed' if native_bf16_cpu() else '32-true'})\n")
         print(precision_table(rows) + "\n")
+        csv_rows += rows
+    if args.roofline is not None:
+        peaks, rows = roofline(args.roofline or models.list_models(), args.all_batch, args.all_rounds, args.warmup, args.steps, log=log)
+        print(f"## Roofline of a training step, default settings ({DEFAULT.describe()}), batch {args.all_batch}; this machine: "
+              f"{peaks['peak_gflops']:.0f} GFLOP/s peak ({peaks['dtype']}), {peaks['bw_gbs']:.1f} GB/s copy bandwidth\n")
+        print(roofline_table(rows) + "\n")
         csv_rows += rows
     print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out is not None and csv_rows:

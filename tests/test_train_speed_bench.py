@@ -68,3 +68,20 @@ def test_precision_grid_times_every_setting_against_fp32_channels_last():
     assert all(r["img_s"] > 0 and r["finite"] for r in rows)
     assert [r["speedup_vs_fp32_cl"] for r in rows if r["settings"] == "fp32 channels-last"] == [1.0]
     assert ts.DEFAULT.amp_dtype in (None, torch.bfloat16) and ts.DEFAULT.channels_last
+
+
+def test_step_traffic_counts_forward_and_backward_flops():
+    # depthwise too: a grouped conv's FLOPs are not those of a dense one
+    import models
+
+    model = models.create_model("mobilenet_v2", width=0.25)
+    t = ts.step_traffic(model, batch=2, settings=ts.PLAIN)
+    fwd = models.profile(model, (2, 3, 32, 32))["macs"] * 2  # FLOPs of the forward
+    assert t["flops"] == 3 * fwd  # backward: gradients of input and weights, a forward's cost each
+    assert t["bytes"] > 7 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_roofline_rows():
+    peaks, rows = ts.roofline(["resnet20"], batch=2, rounds=1, warmup=0)
+    assert peaks["peak_gflops"] > 0 and peaks["bw_gbs"] > 0
+    assert rows[0]["x_floor"] > 0 and rows[0]["bound"] in ("compute", "memory")
