@@ -2,7 +2,7 @@
 
     python eval.py ckpt_path=runs/<...>/checkpoints/best.ckpt
     python eval.py ckpt_path=<file> eval.tta=true                 # + flip test-time augmentation
-    python eval.py model=mobilenet_v2 pretrained=true             # shipped weights (later issue)
+    python eval.py model=mobilenet_v2 pretrained=true             # shipped weights (models/weights/)
 
 Prints top-1, top-5, per-class accuracy and loss; writes metrics.json and confusion_matrix.png.
 """
@@ -18,7 +18,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float:
-    from training.pipeline import evaluate
+    from training.evaluate import evaluate
 
     with exit_on_user_error():
         report = evaluate(cfg)

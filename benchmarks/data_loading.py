@@ -7,7 +7,7 @@ Times one training epoch of batches with no model, through the same DataModule t
   - fast: images decoded once into a cached uint8 tensor, then cropped/flipped/normalized a whole
     batch at a time on the training device (the CPU here).
 
-    python benchmarks/data_loading.py --root ../shared/data/cifar10 --epochs 2
+    python -m benchmarks.data_loading --root ../shared/data/cifar10 --epochs 2
 
 The fast path's one-time costs (decode into the cache; load the cache) are reported apart.
 """
@@ -19,17 +19,14 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from training.data import CifarDataModule, find_source, load_cached  # noqa: E402
+from training.data import CifarDataModule, find_source, load_cached
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "cifar10.yaml"
 

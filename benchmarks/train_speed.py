@@ -21,7 +21,8 @@ the box):
 Both use lr 0.02 (the recipe's first warm-up step: peak 0.2 x warm-up start factor 0.1), so the
 weights stay finite over the run.
 
-Part 1 (issue 4's target: the zoo with default settings >= 1.3x torchvision with plain settings), at
+Part 1 (the target docs/train_speed.md tracks: the zoo with default settings >= 1.3x torchvision
+with plain settings), at
 `--batch` (default 256), four rows timed in the same interleaved rounds:
   - torchvision `mobilenet_v2(num_classes=10)` adapted to CIFAR as our cifar stem (stem conv at
     stride 1; the first stride-2 block, `features[2]` (24 channels), with its depthwise conv at
@@ -55,9 +56,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn as nn
@@ -456,7 +454,7 @@ def main(argv=None) -> int:
         print(head_to_head_table(res) + "\n")
         print(md_table(["ratio (median of per-round ratios)", "value"], [[k, f"{v:.2f}x"] for k, v in res["ratios"].items()]) + "\n")
         target = res["ratios"]["zoo_default/tv_plain (target >= 1.3)"]
-        print(f"Target (issue 4): zoo default >= 1.3x torchvision plain: {'MET' if target >= 1.3 else 'NOT MET'} ({target:.2f}x).\n")
+        print(f"Target (docs/train_speed.md): zoo default >= 1.3x torchvision plain: {'MET' if target >= 1.3 else 'NOT MET'} ({target:.2f}x).\n")
         if not all(r["finite"] for r in res["rows"]):
             print("WARNING: some weights became non-finite during the run\n")
         csv_rows += [dict(r, **{"tv_map": "x".join(map(str, c["tv_map"]))}) for r in res["rows"]]

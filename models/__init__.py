@@ -1,12 +1,15 @@
 """pointwise-zoo: efficient CNNs built on the 1x1 pointwise convolution (plain PyTorch)."""
 
 from . import layers
+from ._base import ClassifierMixin, adapt_input_conv
+from ._loader import CheckpointLoadError, load_checkpoint, load_state_dict_file
 from .cost import format_layer_table, layer_table, profile
+from .features import FeatureInfo, FeatureListNet
 from .fuse import fuse
 from .int8 import Int8Model, quantize
 from .layers import ConvMode
 from .pointwise import PointwiseConv, pointwise_conv2d
-from .pretrained import list_pretrained, pretrained_meta
+from .pretrained import list_pretrained, pretrained_meta, pretrained_transforms
 from .registry import REFERENCES, convert_state_dict, create_model, list_models, register_model
 
 # Importing the architecture files registers their models.
@@ -24,6 +27,14 @@ __all__ = [
     "REFERENCES",
     "list_pretrained",
     "pretrained_meta",
+    "pretrained_transforms",
+    "load_state_dict_file",
+    "load_checkpoint",
+    "CheckpointLoadError",
+    "FeatureListNet",
+    "FeatureInfo",
+    "ClassifierMixin",
+    "adapt_input_conv",
     "profile",
     "layer_table",
     "format_layer_table",

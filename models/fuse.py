@@ -8,7 +8,7 @@ What it does, each step measured to pay on this project's CPU (docs/speed.md):
    - structurally: a `ConvNormAct` (attributes `conv`, `bn`, forward `act(bn(conv(x)))`), and two
      consecutive children (conv, bn) of an `nn.Sequential`;
    - by data flow, when the model traces with torch.fx: a BatchNorm2d whose input is the output of
-     a conv (nn.Conv2d or PointwiseConv) used by nothing else, each module called exactly once.
+     a conv (nn.Conv2d, PointwiseConv included) used by nothing else, each module called exactly once.
 2. Activations in place (`inplace=True`) where the input is a fresh tensor nobody else reads: the
    activation of a `ConvNormAct`, and, when the model traces, any activation module whose input
    is produced by a conv / norm / linear module or an addition and has no other user. (Xception's
@@ -43,9 +43,9 @@ from .pointwise import PointwiseConv
 
 __all__ = ["fuse", "fold_batchnorms", "OneDNNConv", "MicroBatch"]
 
-_CONVS = (nn.Conv2d, PointwiseConv)
+_CONVS = (nn.Conv2d,)  # PointwiseConv is an nn.Conv2d
 _ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish)
-_FRESH_MODULES = (nn.Conv2d, PointwiseConv, nn.BatchNorm2d, nn.Linear)  # outputs a new tensor
+_FRESH_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)  # outputs a new tensor
 _FRESH_FUNCTIONS = (operator.add, torch.add, operator.mul, torch.mul)
 
 
@@ -77,7 +77,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps PointwiseConv a leaf: its Python checks do not trace, and it is a conv like any other."""
+    """Keeps PointwiseConv a leaf, a conv module like nn.Conv2d (which fx keeps a leaf by default)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, PointwiseConv) or super().is_leaf_module(m, qualname)

@@ -91,7 +91,7 @@ def init_weights(model: nn.Module, linear_std: float | None = 0.01) -> None:
     bias, norms 1/0, and Linear layers normal(0, `linear_std`) with zero bias (None keeps
     nn.Linear's default, as torchvision's ResNets and timm's Xception do)."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, PointwiseConv)):
+        if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -186,6 +186,8 @@ class DepthwiseSeparableConv(nn.Module):
     then has no bias either, since the norm after the pointwise conv absorbs it.
     """
 
+    __constants__ = ["merged"]  # a constant to TorchScript: only the branch that exists is compiled
+
     def __init__(
         self,
         in_chs: int,
@@ -235,6 +237,8 @@ class InvertedResidual(nn.Module):
     k x k conv (mid -> out); SE, if any, then gates the expanded features before it, keeping its size.
     """
 
+    __constants__ = ["has_skip", "merged"]  # constants to TorchScript: only the branch that exists is compiled
+
     def __init__(
         self,
         in_chs: int,
@@ -265,7 +269,10 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_pw(x)
-        y = self.conv(self.se(y)) if self.merged else self.conv_pwl(self.se(self.conv_dw(y)))
+        if self.merged:
+            y = self.conv(self.se(y))
+        else:
+            y = self.conv_pwl(self.se(self.conv_dw(y)))
         return x + y if self.has_skip else y
 
 

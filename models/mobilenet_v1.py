@@ -21,8 +21,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ._base import ClassifierMixin
 from .layers import ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
-from .pointwise import PointwiseConv
 from .registry import register_model
 
 __all__ = ["MobileNetV1"]
@@ -37,7 +37,7 @@ BLOCKS = [
 ]
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(ClassifierMixin, nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
@@ -46,12 +46,13 @@ class MobileNetV1(nn.Module):
         conv_mode: ConvMode | str = "separable",
         dropout: float = 0.0,
         act_layer=nn.ReLU6,
+        in_chans: int = 3,
     ):
         super().__init__()
         conv_mode = ConvMode.of(conv_mode)
         ch = partial(make_divisible, divisor=8)  # the width multiplier alpha scales every layer
         in_chs = ch(32 * width)
-        self.stem = ConvNormAct(3, in_chs, 3, stride=2 if stem == "imagenet" else 1, act_layer=act_layer)
+        self.stem = ConvNormAct(in_chans, in_chs, 3, stride=2 if stem == "imagenet" else 1, act_layer=act_layer)
         blocks = []
         for out, stride in BLOCKS:
             out_chs = ch(out * width)
@@ -63,12 +64,13 @@ class MobileNetV1(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_chs, num_classes)
         self.reset_parameters()
+        self._init_classifier_api(num_classes, stem, in_chans, first_conv="stem.conv")
 
     def reset_parameters(self) -> None:
         # timm's TF-style init for this model: convs normal(0, sqrt(2 / fan_out)) with fan_out
         # counted per group, the classifier uniform(+-1/sqrt(num_classes)), zero biases.
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, PointwiseConv)):
+            if isinstance(m, nn.Conv2d):
                 fan_out = m.weight[0, 0].numel() * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
@@ -84,12 +86,8 @@ class MobileNetV1(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
-
 
 @register_model(references={"timm": "mobilenetv1_100"})
-def mobilenet_v1(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.0):
+def mobilenet_v1(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.0, in_chans=3):
     """MobileNetV1 1.0-224 (4.2 M params, 569 M mult-adds at 224, paper Table 8)."""
-    return MobileNetV1(num_classes, stem, width, conv_mode, dropout)
+    return MobileNetV1(num_classes, stem, width, conv_mode, dropout, in_chans=in_chans)

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ._base import ClassifierMixin
 from .layers import init_weights, ConvMode, ConvNormAct, InvertedResidual, make_divisible
 from .registry import register_model
 
@@ -36,7 +37,7 @@ STAGES = [
 ]
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(ClassifierMixin, nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
@@ -44,13 +45,14 @@ class MobileNetV2(nn.Module):
         width: float = 1.0,
         conv_mode: ConvMode | str = "separable",
         dropout: float = 0.2,
+        in_chans: int = 3,
     ):
         super().__init__()
         conv_mode = ConvMode.of(conv_mode)
         ch = partial(make_divisible, divisor=8)
         act = nn.ReLU6
         in_chs = ch(32 * width)
-        self.stem = ConvNormAct(3, in_chs, 3, stride=2 if stem == "imagenet" else 1, act_layer=act)
+        self.stem = ConvNormAct(in_chans, in_chs, 3, stride=2 if stem == "imagenet" else 1, act_layer=act)
         blocks, first_stride2 = [], True
         for t, c, n, s in STAGES:
             if stem == "cifar" and s == 2 and first_stride2:  # keep 32x32 a while longer
@@ -69,6 +71,7 @@ class MobileNetV2(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.num_features, num_classes)
         self.reset_parameters()
+        self._init_classifier_api(num_classes, stem, in_chans, first_conv="stem.conv")
 
     def reset_parameters(self) -> None:
         init_weights(self, linear_std=0.01)  # as torchvision: classifier normal(0, 0.01)
@@ -76,12 +79,8 @@ class MobileNetV2(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
-
 
 @register_model(references={"torchvision": "mobilenet_v2", "timm": "mobilenetv2_100"})
-def mobilenet_v2(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2):
+def mobilenet_v2(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2, in_chans=3):
     """MobileNetV2 1.0-224 (3.5 M params, 300 M mult-adds at 224, paper Table 4)."""
-    return MobileNetV2(num_classes, stem, width, conv_mode, dropout)
+    return MobileNetV2(num_classes, stem, width, conv_mode, dropout, in_chans=in_chans)

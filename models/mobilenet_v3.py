@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ._base import ClassifierMixin
 from .layers import init_weights, ConvMode, ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from .registry import register_model
 
@@ -60,7 +61,7 @@ SMALL = [
 ]
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(ClassifierMixin, nn.Module):
     def __init__(
         self,
         config: list[tuple],
@@ -70,6 +71,7 @@ class MobileNetV3(nn.Module):
         width: float = 1.0,
         conv_mode: ConvMode | str = "separable",
         dropout: float = 0.2,
+        in_chans: int = 3,
     ):
         super().__init__()
         conv_mode = ConvMode.of(conv_mode)
@@ -82,7 +84,7 @@ class MobileNetV3(nn.Module):
         )
 
         in_chs = ch(16 * width)
-        self.stem = ConvNormAct(3, in_chs, 3, stride=2 if stem == "imagenet" else 1, norm_layer=norm, act_layer=HS)
+        self.stem = ConvNormAct(in_chans, in_chs, 3, stride=2 if stem == "imagenet" else 1, norm_layer=norm, act_layer=HS)
         blocks, first_stride2 = [], True
         for k, exp, out, use_se, act, s in config:
             if stem == "cifar" and s == 2 and first_stride2:  # keep 32x32 a while longer
@@ -104,6 +106,7 @@ class MobileNetV3(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.num_features, num_classes)
         self.reset_parameters()
+        self._init_classifier_api(num_classes, stem, in_chans, first_conv="stem.conv")
 
     def reset_parameters(self) -> None:
         init_weights(self, linear_std=0.01)  # as torchvision: classifier normal(0, 0.01)
@@ -111,19 +114,18 @@ class MobileNetV3(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        x = self.dropout(self.head_act(self.head_fc(x)))
-        return self.classifier(x)
+    def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # the efficient last stage: pooled features -> fully connected + hard-swish (num_features wide)
+        return self.head_act(self.head_fc(x))
 
 
 @register_model(references={"torchvision": "mobilenet_v3_large"})
-def mobilenet_v3_large(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2):
+def mobilenet_v3_large(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2, in_chans=3):
     """MobileNetV3-Large 1.0 (5.5 M params, 217 M mult-adds at 224)."""
-    return MobileNetV3(LARGE, 1280, num_classes, stem, width, conv_mode, dropout)
+    return MobileNetV3(LARGE, 1280, num_classes, stem, width, conv_mode, dropout, in_chans=in_chans)
 
 
 @register_model(references={"torchvision": "mobilenet_v3_small"})
-def mobilenet_v3_small(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2):
+def mobilenet_v3_small(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), dropout=0.2, in_chans=3):
     """MobileNetV3-Small 1.0 (2.5 M params, 57 M mult-adds at 224)."""
-    return MobileNetV3(SMALL, 1024, num_classes, stem, width, conv_mode, dropout)
+    return MobileNetV3(SMALL, 1024, num_classes, stem, width, conv_mode, dropout, in_chans=in_chans)

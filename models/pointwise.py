@@ -10,11 +10,13 @@ so it is one matrix multiply per image: Y_n = W @ X_n with X_n the (C_in, H*W) v
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python frame (eager hot path)
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 __all__ = ["pointwise_conv2d", "PointwiseConv"]
 
@@ -174,39 +176,50 @@ def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-class PointwiseConv(nn.Module):
-    """A 1x1 convolution layer whose state_dict matches `nn.Conv2d(in, out, 1)` key for key.
+def _plain_conv_wanted(x: torch.Tensor) -> bool:
+    """True when a graph is being captured rather than run. `x` is then not a plain tensor under
+    torch.fx symbolic tracing (torchvision's feature extraction included: a Proxy) and torch.export
+    (fake / functional tensors); dynamo (torch.compile, strict export) and torch.jit.trace (legacy
+    ONNX export) say so. There the layer is one plain conv call, so captured graphs hold an
+    ordinary convolution whatever the measured dispatch would pick. (Cheapest checks first: this
+    runs on every eager call.)"""
+    return type(x) is not torch.Tensor or _jit_tracing() or _is_compiling() or _is_exporting()
 
-    `weight` has shape (out, in/groups, 1, 1) and `bias` (out,), so weights move between this
-    module and `nn.Conv2d` (and torchvision/timm checkpoints) unchanged.
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution layer: an `nn.Conv2d(in, out, 1, stride, groups=groups, bias=bias)`.
+
+    It is a subclass of `nn.Conv2d`, so its state_dict (`weight` of shape (out, in/groups, 1, 1),
+    `bias` (out,)), initialisation and attributes are nn.Conv2d's, and tools that look for
+    nn.Conv2d (fusers, quantizers, profilers, timm/torchvision utilities) see it. Weights move
+    between it, `nn.Conv2d` and torchvision/timm checkpoints unchanged.
+
+    In eager mode an ungrouped, unstrided call goes through `pointwise_conv2d`'s measured kernel
+    dispatch; under TorchScript, torch.fx tracing, torch.jit.trace, torch.export and torch.compile
+    it is exactly nn.Conv2d's forward (same results), so it scripts, traces and exports as one.
     """
 
-    kernel_size = (1, 1)
-
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, bias: bool = True):
-        super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"PointwiseConv: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.stride, self.groups = stride, groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, 1, 1))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.reset_parameters()
+        super().__init__(in_channels, out_channels, 1, stride, 0, 1, groups, bias)
 
-    def reset_parameters(self) -> None:
-        # The same initialisation nn.Conv2d uses, so swapping the two changes nothing.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.weight[0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(input, self.weight, self.bias)
+        return self._eager_forward(input)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+    @torch.jit.unused
+    def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 and self.stride == (1, 1) and not _plain_conv_wanted(input):
+            return pointwise_conv2d(input, self.weight, self.bias)  # the measured dispatch
+        return self._conv_forward(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        stride = self.stride[0] if self.stride[0] == self.stride[1] else self.stride
+        s = f"{self.in_channels}, {self.out_channels}, stride={stride}"
         if self.groups != 1:
             s += f", groups={self.groups}"
         return s + f", bias={self.bias is not None}"

@@ -23,11 +23,30 @@ import torch.nn as nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-__all__ = ["list_pretrained", "pretrained_meta", "resolve_entry", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR"]
+from ._loader import CheckpointLoadError, cast_like, load_state_dict_file, state_dict_mismatches
+
+__all__ = [
+    "list_pretrained", "pretrained_meta", "pretrained_transforms", "pretrained_cfg", "PretrainedMeta",
+    "resolve_entry", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR",
+]  # fmt: skip
 
 
 class PretrainedError(ValueError):
     """A pretrained entry or weights file that cannot be used, with the reason and the fix."""
+
+
+class PretrainedMeta(dict):
+    """An entry's card (a dict: params, macs, val_acc, mean, std, input_size, sha256, recipe, ...)
+    that also builds the entry's preprocessing, as torchvision's `Weights.transforms()`."""
+
+    def transforms(self):
+        """The card's eval transform (see `pretrained_transforms`)."""
+        return _transforms(self)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The card's data config in timm's `pretrained_cfg` keys (see `pretrained_cfg`)."""
+        return _cfg_from_card(self)
 
 
 def list_pretrained() -> list[str]:
@@ -35,13 +54,68 @@ def list_pretrained() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
 
 
-def pretrained_meta(entry: str) -> dict:
-    """The metadata card of an entry (a fresh dict: params, macs, val_acc, mean, std, sha256, recipe, ...)."""
+def pretrained_meta(entry: str) -> PretrainedMeta:
+    """The metadata card of an entry (a fresh dict: params, macs, val_acc, mean, std, sha256, recipe,
+    ...); its `.transforms()` is the entry's preprocessing."""
     path = WEIGHTS_DIR / f"{entry}.json"
     if not path.is_file():
         available = ", ".join(list_pretrained()) or "none shipped yet"
         raise PretrainedError(f"no pretrained weights for {entry!r}; available entries: {available}")
-    return json.loads(path.read_text())
+    return PretrainedMeta(json.loads(path.read_text()))
+
+
+def _cfg_from_card(meta: dict) -> dict:
+    build = meta.get("build", {})
+    size = tuple(int(v) for v in meta.get("input_size", (3, 32, 32)))
+    crop_pct = float(meta.get("crop_pct", 1.0))
+    return {
+        "architecture": meta.get("model"),
+        "tag": meta.get("entry", "").partition(".")[2],
+        "input_size": size,
+        "interpolation": meta.get("interpolation", "bilinear"),
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+        "mean": tuple(float(v) for v in meta["mean"]),
+        "std": tuple(float(v) for v in meta["std"]),
+        "num_classes": build.get("num_classes"),
+        "stem": build.get("stem"),
+        "dataset": meta.get("dataset"),
+    }
+
+
+def pretrained_cfg(entry: str) -> dict:
+    """An entry's data config in timm's `pretrained_cfg` keys (input_size, mean, std,
+    interpolation, crop_pct, ...), from its card; `create_model(entry, pretrained=True)` sets it
+    on the model, where `timm.data.resolve_data_config(model=m)` reads it."""
+    return _cfg_from_card(pretrained_meta(entry))
+
+
+def pretrained_transforms(entry: str):
+    """The preprocessing an entry was evaluated with, from its card (mean, std, input size), as a
+    torchvision transforms v2 pipeline: a PIL image, or a uint8 (in [0, 255]) or float (in [0, 1])
+    tensor of shape (C, H, W) or (N, C, H, W), becomes a normalised float32 tensor. It resizes the
+    short side to input_size / crop_pct and center-crops input_size, so a 32x32 CIFAR image only
+    goes to float and gets normalised (the cards' "no resize, no crop")."""
+    return _transforms(pretrained_meta(entry))
+
+
+def _transforms(meta: dict):
+    from torchvision.transforms import v2  # imported here only: models/ does not need torchvision
+
+    cfg = _cfg_from_card(meta)
+    _, h, w = cfg["input_size"]
+    interpolation = v2.InterpolationMode(cfg["interpolation"])
+    resize = int(h / cfg["crop_pct"]) if (h, w) == (w, h) else (int(h / cfg["crop_pct"]), int(w / cfg["crop_pct"]))
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=interpolation, antialias=True),
+            v2.CenterCrop((h, w)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
+            v2.ToPureTensor(),
+        ]
+    )
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -75,33 +149,18 @@ def _fetch(url: str, sha256: str) -> Path:
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict without running code: safetensors, or a torch file with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedError(f"weights file {path} does not exist")
+    """Read a state_dict without running code (`models.load_state_dict_file`: safetensors, or a
+    torch file with weights_only=True), raising PretrainedError."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch raise several types for damaged files
-        raise PretrainedError(
-            f"weights file {path} is corrupt or truncated ({type(err).__name__}: {err}); download it again"
-        ) from err
-    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
-        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    if not isinstance(state, dict):
-        raise PretrainedError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
-    return state
+        return load_state_dict_file(path, hint=" Download it again.")
+    except CheckpointLoadError as err:
+        raise PretrainedError(str(err)) from err
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` strictly, or raise naming the missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, wrong = (sorted(keys) for keys in state_dict_mismatches(own, state))
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -111,9 +170,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             f"weights from {source} do not fit this model: {'; '.join(parts)}. "
             "They belong to another architecture, width or stem."
         )
-    dtype = next(iter(own.values())).dtype if own else torch.float32
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state)
+    model.load_state_dict(cast_like(own, state))
 
 
 def _conflicts(build: dict, stem: str, width: float, conv_mode: str) -> list[str]:
@@ -187,6 +244,11 @@ def create_pretrained(
             "the file is damaged or belongs to another entry"
         )
     load_into(model, load_weights_file(path), str(path))
+    if hasattr(model, "pretrained_cfg"):  # the card's data config, for timm's resolve_data_config
+        model.pretrained_cfg = {**model.pretrained_cfg, **_cfg_from_card(meta)}
     if num_classes != build["num_classes"]:
-        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        if hasattr(model, "reset_classifier"):
+            model.reset_classifier(num_classes)
+        else:
+            model.classifier = nn.Linear(model.classifier.in_features, num_classes)
     return model

@@ -32,6 +32,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ._base import ClassifierMixin
 from .layers import init_weights, BasicBlock, Bottleneck, ConvMode, ConvNormAct, SqueezeExcite, make_divisible
 from .registry import register_model
 
@@ -47,7 +48,7 @@ CONFIGS = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierMixin, nn.Module):
     def __init__(
         self,
         block: type[nn.Module],
@@ -63,16 +64,18 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         norm_layer=nn.BatchNorm2d,
         act_layer=nn.ReLU,
+        drop_rate: float = 0.0,
+        in_chans: int = 3,
     ):
         super().__init__()
         stem_chs = make_divisible(stem_chs * width, 8)
         if stem == "imagenet":
             self.stem = nn.Sequential(
-                ConvNormAct(3, stem_chs, 7, 2, norm_layer=norm_layer, act_layer=act_layer),
+                ConvNormAct(in_chans, stem_chs, 7, 2, norm_layer=norm_layer, act_layer=act_layer),
                 nn.MaxPool2d(3, 2, 1),
             )
         else:  # a 32x32 image is too small to downsample 4x before the first block
-            self.stem = nn.Sequential(ConvNormAct(3, stem_chs, 3, 1, norm_layer=norm_layer, act_layer=act_layer))
+            self.stem = nn.Sequential(ConvNormAct(in_chans, stem_chs, 3, 1, norm_layer=norm_layer, act_layer=act_layer))
 
         layer = partial(
             block, se_layer=se_layer, norm_layer=norm_layer, act_layer=act_layer, shortcut=shortcut, conv_mode=conv_mode
@@ -93,8 +96,10 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_chs
+        self.dropout = nn.Dropout(drop_rate)  # none by default, as in the papers
         self.classifier = nn.Linear(in_chs, num_classes)
         self._init_weights(zero_init_residual)
+        self._init_classifier_api(num_classes, stem, in_chans, first_conv="stem.0.conv")
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         # As torchvision (and He et al. 2015 "Delving deep"); the classifier keeps nn.Linear's default.
@@ -109,9 +114,6 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.forward_features(x)).flatten(1))
-
 
 def _resnet(name: str, se_layer=None, shortcut: str | None = None, **kwargs) -> ResNet:
     block, depths, widths, stem_chs, default_shortcut = CONFIGS[name]
@@ -119,61 +121,64 @@ def _resnet(name: str, se_layer=None, shortcut: str | None = None, **kwargs) -> 
 
 
 @register_model(references={"torchvision": "resnet50", "timm": "resnet50"})
-def resnet50(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False):
+def resnet50(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, drop_rate=0.0, in_chans=3):
     return _resnet(
         "resnet50", num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual,
+        zero_init_residual=zero_init_residual, drop_rate=drop_rate, in_chans=in_chans,
     )
 
 
 @register_model(references={"timm": "seresnet50"})
-def se_resnet50(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False):
+def se_resnet50(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, drop_rate=0.0, in_chans=3):
     # Hu et al.'s reduction ratio r=16 (rounded to a multiple of 8, as timm's seresnet50).
     se_layer = partial(SqueezeExcite, rd_ratio=1 / 16, rd_divisor=8, conv_mode=conv_mode)
     return _resnet(
         "resnet50", se_layer=se_layer, num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual,
+        zero_init_residual=zero_init_residual, drop_rate=drop_rate, in_chans=in_chans,
     )
 
 
 @register_model
 def resnet20(
-    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection"
+    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection",
+    drop_rate=0.0, in_chans=3,
 ):
     return _resnet(
         "resnet20", num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual, shortcut=shortcut,
+        zero_init_residual=zero_init_residual, shortcut=shortcut, drop_rate=drop_rate, in_chans=in_chans,
     )
 
 
 @register_model
 def resnet56(
-    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection"
+    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection",
+    drop_rate=0.0, in_chans=3,
 ):
     return _resnet(
         "resnet56", num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual, shortcut=shortcut,
+        zero_init_residual=zero_init_residual, shortcut=shortcut, drop_rate=drop_rate, in_chans=in_chans,
     )
 
 
 @register_model
 def resnet38_bottleneck(
-    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False
+    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, drop_rate=0.0, in_chans=3
 ):
     return _resnet(
         "resnet38_bottleneck", num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual,
+        zero_init_residual=zero_init_residual, drop_rate=drop_rate, in_chans=in_chans,
     )
 
 
 @register_model
 def se_resnet20(
-    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection"
+    num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), zero_init_residual=False, shortcut="projection",
+    drop_rate=0.0, in_chans=3,
 ):
     # Hu et al.'s r=16 would squeeze 16/32/64 channels to 1/2/4 units; we use r=4 (as MobileNetV3's
     # SE) rounded to multiples of 8: 8/8/16 units.
     se_layer = partial(SqueezeExcite, rd_ratio=1 / 4, rd_divisor=8, conv_mode=conv_mode)
     return _resnet(
         "resnet20", se_layer=se_layer, num_classes=num_classes, stem=stem, width=width, conv_mode=conv_mode,
-        zero_init_residual=zero_init_residual, shortcut=shortcut,
+        zero_init_residual=zero_init_residual, shortcut=shortcut, drop_rate=drop_rate, in_chans=in_chans,
     )

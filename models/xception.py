@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._base import ClassifierMixin
 from .layers import init_weights, ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
 from .registry import register_model
 
@@ -90,7 +91,7 @@ class XceptionBlock(nn.Module):
         return self.pool(self.convs(x)) + self.shortcut(x)
 
 
-class Xception(nn.Module):
+class Xception(ClassifierMixin, nn.Module):
     def __init__(
         self,
         cfg: dict,
@@ -101,6 +102,7 @@ class Xception(nn.Module):
         drop_rate: float = 0.0,
         norm_layer=nn.BatchNorm2d,
         act_layer=nn.ReLU,
+        in_chans: int = 3,
     ):
         super().__init__()
         ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
@@ -108,7 +110,7 @@ class Xception(nn.Module):
         stem1, stem2 = ch(cfg["stem"][0]), ch(cfg["stem"][1])
         pad = 1 if cifar else 0  # the paper's stem convs are unpadded (299 -> 149 -> 147)
         self.stem = nn.Sequential(
-            ConvNormAct(3, stem1, 3, 1 if cifar else 2, padding=pad, norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(in_chans, stem1, 3, 1 if cifar else 2, padding=pad, norm_layer=norm_layer, act_layer=act_layer),
             ConvNormAct(stem1, stem2, 3, 1, padding=pad, norm_layer=norm_layer, act_layer=act_layer),
         )
 
@@ -142,22 +144,23 @@ class Xception(nn.Module):
         self.classifier = nn.Linear(in_chs, num_classes)
 
         init_weights(self, linear_std=None)  # as timm's legacy_xception: nn.Linear's default for the classifier
+        # the paper's 299x299 input; resize and crop as timm's legacy_xception
+        self._init_classifier_api(
+            num_classes, stem, in_chans, first_conv="stem.0.conv",
+            imagenet_input_size=299, imagenet_crop_pct=0.8975, imagenet_interpolation="bicubic",
+        )  # fmt: skip
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
-
 
 @register_model(references={"timm": "legacy_xception"})
-def xception(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), drop_rate=0.5):
+def xception(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), drop_rate=0.5, in_chans=3):
     # Chollet 2017, Sec. 4.3: dropout 0.5 before the logistic regression layer on ImageNet.
-    return Xception(CONFIGS["xception"], num_classes, stem, width, conv_mode, drop_rate)
+    return Xception(CONFIGS["xception"], num_classes, stem, width, conv_mode, drop_rate, in_chans=in_chans)
 
 
 @register_model
-def xception_small(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), drop_rate=0.2):
+def xception_small(num_classes=10, stem="cifar", width=1.0, conv_mode=ConvMode("separable"), drop_rate=0.2, in_chans=3):
     # a lighter dropout than the paper's 0.5 for the 10x smaller network (our choice, untuned)
-    return Xception(CONFIGS["xception_small"], num_classes, stem, width, conv_mode, drop_rate)
+    return Xception(CONFIGS["xception_small"], num_classes, stem, width, conv_mode, drop_rate, in_chans=in_chans)

@@ -1,12 +1,10 @@
-"""tools/ablation_report.py: reads a multirun of the three conv modes, times the models, writes
+"""tools.ablation_report: reads a multirun of the three conv modes, times the models, writes
 report.md / ablation.csv / two PNGs with one correct row per mode; --cost-only's numbers."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 import models
-from conftest import REPO, compose_config, tiny_overrides
-
-spec = importlib.util.spec_from_file_location("ablation_report", REPO / "tools" / "ablation_report.py")
-ablation_report = importlib.util.module_from_spec(spec)
-sys.modules["ablation_report"] = ablation_report  # dataclasses look their module up there
-spec.loader.exec_module(ablation_report)
+from conftest import compose_config, tiny_overrides
+from tools import ablation_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODEL = {"name": "mobilenet_v1", "width": 0.25, "stem": "cifar", "num_classes": 10, "kwargs": {}}

@@ -195,6 +195,23 @@ def test_datamodule_builds_train_val_and_reports_val_without_test(tmp_path, imag
     assert torch.equal(dm.splits["val"][1], next(iter(dm.test_dataloader()))[1][:20])
 
 
+def test_test_split_picks_what_the_test_stage_reads(tmp_path, cifar_root, imagefolder_root):
+    def test_labels(root, split):
+        dm = CifarDataModule(data_cfg(root, tmp_path / "cache"), seed=0, test_split=split)
+        dm.prepare_data()
+        dm.setup("test")
+        return dm, torch.cat([y for _, y in dm.test_dataloader()])
+
+    dm, labels = test_labels(cifar_root, "auto")
+    assert dm.eval_split == "test" and len(labels) == 40
+    dm, labels = test_labels(cifar_root, "val")
+    assert dm.eval_split == "val" and torch.equal(labels, dm.splits["val"][1])
+    with pytest.raises(DataError, match="no test split"):
+        test_labels(imagefolder_root, "test")
+    with pytest.raises(DataError, match="choose auto, test or val"):
+        CifarDataModule(data_cfg(cifar_root, tmp_path / "cache"), test_split="train")
+
+
 def test_torchvision_loader_gives_the_same_split(tmp_path, imagefolder_root):
     fast = CifarDataModule(data_cfg(imagefolder_root, tmp_path / "cache"), seed=0)
     classic = CifarDataModule(data_cfg(imagefolder_root, tmp_path / "cache", loader="torchvision", num_workers=0), seed=0)

@@ -1,4 +1,4 @@
-"""eval.py's pipeline through Hydra's compose API: checkpoints, TTA, splits, pretrained, bad input."""
+"""eval.py's evaluation (training/evaluate.py) through Hydra's compose API: checkpoints, TTA, splits, pretrained, bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import models
 from conftest import compose_config, eval_overrides
 from training.errors import CheckpointError, ConfigError
-from training.pipeline import evaluate
+from training.evaluate import eval_config, evaluate, evaluate_model
 
 
 def run_eval(tmp_path: Path, *overrides: str) -> dict:
@@ -56,6 +56,40 @@ def test_eval_uses_the_runs_validation_split_when_there_is_no_test(compose_train
     report = run_eval(tmp_path, f"ckpt_path={summary['best_ckpt']}")
     assert report["split"] == "val" and report["num_images"] == 20  # data.val_size from the checkpoint
     assert report["top1"] == pytest.approx(summary["best_val_acc"])
+
+
+def test_evaluate_model_takes_tta_and_split_as_arguments(trained_run, tmp_path):
+    from training.module import ClassifierModule
+
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"]
+    config, ckpt = eval_config(compose_config("eval", overrides), overrides)
+    val = evaluate_model(config, ckpt, split="val")
+    assert val["split"] == "val" and val["num_images"] == 20 and not val["tta"]
+    test_tta = evaluate_model(config, ckpt, tta=True)
+    assert test_tta["split"] == "test" and test_tta["tta"] and test_tta["num_images"] == 40
+    assert test_tta["loss"] != evaluate_model(config, ckpt)["loss"]
+    with pytest.raises(ConfigError, match="choose auto, test or val"):
+        evaluate_model(config, ckpt, split="train")
+    # TTA is how a module evaluates, not part of the run config it saves in checkpoints
+    module = ClassifierModule(config, tta=True)
+    assert module.tta and set(module.hparams) == {"config"} and not ClassifierModule(config).tta
+
+
+def test_eval_config_takes_model_and_data_from_the_checkpoint_unless_the_command_line_picks_them(trained_run, tmp_path):
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"
+
+    def config_for(*extra):
+        overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), ckpt, *extra]
+        return eval_config(compose_config("eval", overrides), overrides)[0]
+
+    stored = config_for()
+    assert stored["model"]["width"] == 0.25 and stored["data"]["val_size"] == 20  # the run's, not the defaults
+    edited = config_for("data.val_size=30", "data.augment.flip=false", "~data.mean")
+    assert edited["data"]["val_size"] == 30 and edited["data"]["augment"] == {"crop_padding": 4, "flip": False}
+    assert "mean" not in edited["data"] and edited["data"]["root"] == stored["data"]["root"]
+    picked = config_for("data=cifar100", "model=resnet20")
+    assert picked["data"]["name"] == "cifar100" and picked["data"]["val_size"] == 5000 and picked["model"]["width"] == 1.0
+    assert picked["model"]["num_classes"] == 100
 
 
 def test_eval_data_key_overrides_apply_on_top_of_the_checkpoint(trained_run, tmp_path):

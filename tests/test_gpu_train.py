@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, compose_config, eval_overrides, make_imagefolder
 from tools.pack_cifar import pack
 from training.checkpoints import load_checkpoint
-from training.pipeline import evaluate
+from training.evaluate import evaluate
 
 TINY = ("model.width=0.25 data.val_size=20 data.batch_size=16 data.eval_batch_size=32 trainer.accelerator=cpu "
         "trainer.enable_model_summary=false trainer.num_sanity_val_steps=0 cpu_threads=1")

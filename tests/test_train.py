@@ -33,7 +33,7 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_every_registered_model_has_a_config_and_every_config_a_model():
-    configs = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+    configs = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if not p.stem.startswith("_"))  # _base: shared keys
     assert configs == models.list_models()
 
 
@@ -139,7 +139,7 @@ class RecordWeights(L.Callback):
 def test_weight_ema_averages_weights_and_bn_buffers_and_is_what_validation_sees(compose_train, tmp_path):
     from conftest import eval_overrides
     from training.checkpoints import model_state_dict
-    from training.pipeline import evaluate
+    from training.evaluate import evaluate
 
     record = RecordWeights()
     summary = train(compose_train("optim.ema_decay=0.9"), callbacks=[record])
@@ -183,7 +183,7 @@ def test_the_per_image_torchvision_loader_trains_too(compose_train):
 
 
 def test_onecycle_schedule_runs_its_course(compose_train, tmp_path):
-    train(compose_train("optim.schedule=onecycle", "trainer.max_epochs=2"))
+    train(compose_train("optim/scheduler=onecycle", "trainer.max_epochs=2"))
     lrs = [float(r["lr"]) for r in metrics_rows(tmp_path / "run") if r["lr"]]
     assert len(lrs) == 8 and max(lrs) == pytest.approx(0.2, rel=0.05) and lrs[-1] < lrs[0] < max(lrs)
 
@@ -202,15 +202,20 @@ class CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+def crashed_run(compose_train, overrides: list[str], run_dir: Path, epoch: int) -> Path:
+    """Train until CrashAt stops the run in `epoch` (its second batch); the run's last.ckpt."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_train(*overrides, run_dir=run_dir), callbacks=[CrashAt(epoch=epoch, batch=1)])
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 def test_a_crashed_run_resumed_from_last_ckpt_ends_like_one_that_ran_through(compose_train, tmp_path):
     # mobilenet_v2 has dropout, so this also checks the RNG state travels in the checkpoint.
     common = ["model=mobilenet_v2", "model.width=0.25", "trainer.max_epochs=3"]
     straight = train(compose_train(*common, run_dir=tmp_path / "straight"))
 
     crashed = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_train(*common, run_dir=crashed), callbacks=[CrashAt(epoch=2, batch=1)])
-    last = crashed / "checkpoints" / "last.ckpt"
+    last = crashed_run(compose_train, common, crashed, epoch=2)
     assert load_checkpoint(last)["epoch"] == 1  # two epochs done, the third lost mid-way
     resumed = train(compose_train(*common, f"ckpt_path={last}", run_dir=crashed))
 
@@ -221,6 +226,31 @@ def test_a_crashed_run_resumed_from_last_ckpt_ends_like_one_that_ran_through(com
     assert final(metrics_rows(crashed, version=1))["val/loss"] == final(metrics_rows(tmp_path / "straight"))["val/loss"]
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["global_step"]
+
+
+def test_best_epoch_comes_from_the_checkpoint_callback_and_survives_resumes(compose_train, tmp_path, monkeypatch):
+    common = ["trainer.max_epochs=4", "optim.ema_decay=null"]
+    straight = train(compose_train(*common, run_dir=tmp_path / "straight"))
+    accs = [float(r["val/acc"]) for r in metrics_rows(tmp_path / "straight") if r["val/acc"]]
+    assert straight["best_epoch"] == accs.index(max(accs)) and straight["best_val_acc"] == pytest.approx(max(accs))
+    assert load_checkpoint(straight["best_ckpt"])["epoch"] == straight["best_epoch"]
+
+    # resumed from a checkpoint written before BestEpoch kept the epoch: it is read from best.ckpt
+    crashed = tmp_path / "crashed"
+    last = crashed_run(compose_train, common, crashed, epoch=3)
+    ckpt = load_checkpoint(last)
+    assert ckpt["callbacks"].pop("BestEpoch")["epoch"] == accs[:3].index(max(accs[:3]))  # epochs 0-2 ran
+    torch.save(ckpt, last)
+    reads, load = [], torch.load
+
+    def recorded_load(f, *args, **kwargs):  # Lightning loads from an open file (fsspec: `.path`)
+        reads.append(str(f if isinstance(f, (str, Path)) else getattr(f, "path", getattr(f, "name", f))))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recorded_load)
+    resumed = train(compose_train(*common, f"ckpt_path={last}", run_dir=crashed))
+    assert (resumed["best_epoch"], resumed["best_val_acc"]) == (straight["best_epoch"], straight["best_val_acc"])
+    assert reads.count(str(last)) == 1  # the resumed checkpoint is read once: checked, then handed to Lightning
 
 
 def test_resume_folder_is_the_checkpoints_run(tmp_path):
@@ -266,7 +296,7 @@ def test_precision_channels_last_compile_and_tensorboard_are_switches(compose_tr
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
     cfg = compose_train("trainer.precision=32-true", "channels_last=true", "compile=true", "trainer.max_epochs=1",
-                        "logger.tensorboard=true")
+                        "logger=[csv,tensorboard]")
     summary = train(cfg)
     assert compiled and summary["best_val_acc"] is not None
     assert list((Path(summary["run_dir"]) / "tensorboard").rglob("events.out.tfevents.*"))

@@ -73,7 +73,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, cifar_root):
 
     # The DDP validation score (shards + padding ignored) is what a single process finds.
     overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={summary['best_ckpt']}", "eval.split=val"]
-    from training.pipeline import evaluate
+    from training.evaluate import evaluate
 
     report = evaluate(compose_config("eval", overrides), overrides=overrides)
     assert report["top1"] == pytest.approx(summary["best_val_acc"])

@@ -1,4 +1,4 @@
-"""`benchmarks/train_speed.py` runs end to end on tiny settings, and its torchvision CIFAR adaptation
+"""`python -m benchmarks.train_speed` runs end to end on tiny settings, and its torchvision CIFAR adaptation
 is our mobilenet_v2 (same params, same final map). No timing assertions: the numbers live in
 docs/train_speed.md."""
 

@@ -3,9 +3,9 @@
     # 1. train every mode of a family (see docs/ablation.md for the full command)
     python train.py -m model=mobilenet_v1 model.conv_mode=separable,full,pointwise_kxk seed=0 ...
     # 2. the report: reads each run folder, measures CPU latency, writes table, CSV and plots
-    python tools/ablation_report.py runs/ablation/mobilenet_v1/<date> --out docs/ablation/mobilenet_v1
+    python -m tools.ablation_report runs/ablation/mobilenet_v1/<date> --out docs/ablation/mobilenet_v1
     # params / mult-adds of every family in all three modes (no training needed)
-    python tools/ablation_report.py --cost-only
+    python -m tools.ablation_report --cost-only
 
 A run folder is any folder under the given one(s) holding the pipeline's `summary.json`
 (params, mult-adds, best val acc, train img/s) next to its resolved `config.yaml`. Runs of the
@@ -36,12 +36,10 @@ from typing import Any, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python tools/ablation_report.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-import models  # noqa: E402
-from benchmarks.common import cpu_name  # noqa: E402
+import models
+from benchmarks.common import cpu_name
+from training.checkpoints import load_checkpoint, model_state_dict
+from training.models import build_model
 
 MODES = models.ConvMode.MODES
 # Keys of a run config that may differ between the rows of one ablation (the thing ablated,
@@ -193,8 +191,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_differences(runs: Sequence[Run]) -> dict[str, list]:
-    """Config keys (other than the ablated ones) whose values differ between runs."""
-    flats = [_flatten(r.config) for r in runs]
+    """Config keys (other than the ablated ones) whose values differ between runs. A run's own folder
+    inside a value (e.g. `callbacks.best_checkpoint.dirpath: <run>/checkpoints`) is not a difference."""
+
+    def in_run(value: Any, run_dir: str) -> Any:
+        return value.replace(run_dir, "<run_dir>") if isinstance(value, str) and run_dir else value
+
+    flats = [{k: in_run(v, str(r.config.get("run_dir") or "")) for k, v in _flatten(r.config).items()} for r in runs]
     keys = sorted(set().union(*flats))
     diffs = {}
     for key in keys:
@@ -243,15 +246,6 @@ def group_rows(runs: Sequence[Run]) -> list[Row]:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: dict) -> torch.nn.Module:
-    """The model a run trained, from its model config (as training.module.build_model does)."""
-    cfg = dict(model_cfg)
-    name = cfg.pop("name")
-    kwargs = dict(cfg.pop("kwargs", None) or {})
-    num_classes = int(cfg.pop("num_classes", 10))
-    return models.create_model(name, num_classes=num_classes, **cfg, **kwargs)
-
-
 def _checkpoint_path(run: Run) -> Path | None:
     for candidate in (run.folder / "checkpoints" / "best.ckpt", run.summary.get("best_ckpt"),
                       run.folder / "checkpoints" / "last.ckpt"):
@@ -267,9 +261,7 @@ def load_row_model(row: Row) -> torch.nn.Module:
     if ckpt_path is None:
         row.weights = "fresh init (no checkpoint found)"
     else:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        state = ckpt.get("state_dict", ckpt)
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
+        state = model_state_dict(load_checkpoint(ckpt_path), ema=False)  # the raw weights; the timing is the same
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -487,7 +479,7 @@ def write_report(rows: Sequence[Row], runs: Sequence[Run], sources: Sequence[Pat
                      + "; ".join(f"`{k}` {' / '.join(v)}" for k, v in diffs.items()))
     if plots:
         lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
-    lines += ["", f"Regenerate: `python tools/ablation_report.py {' '.join(str(s) for s in sources)} --out {info['out_arg']}`", ""]
+    lines += ["", f"Regenerate: `python -m tools.ablation_report {' '.join(str(s) for s in sources)} --out {info['out_arg']}`", ""]
     (out / "report.md").write_text("\n".join(lines))
     return table
 

@@ -1,6 +1,6 @@
 """Turn a finished training run into a shipped pretrained entry: weights + metadata card.
 
-    python tools/export_weights.py runs/<model>/<date> --data-root ../shared/data/cifar10
+    python -m tools.export_weights runs/<model>/<date> --data-root ../shared/data/cifar10
 
 Reads the run's final checkpoint (last.ckpt; its weight EMA when the run kept one, never the
 epoch that scored best on validation), resolved config, command (.hydra/overrides.yaml) and summary;
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,16 +27,17 @@ import yaml
 from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
+import models
+from benchmarks.common import cpu_name
+from models.pretrained import WEIGHTS_DIR, sha256_of
+from training.checkpoints import load_checkpoint, model_state_dict
+from training.models import build_model
+from training.evaluate import evaluate
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import models  # noqa: E402
-from models.pretrained import WEIGHTS_DIR, sha256_of  # noqa: E402
-from training.checkpoints import load_checkpoint, model_state_dict  # noqa: E402
-from training.pipeline import evaluate  # noqa: E402
-
 CARDS_DIR = REPO / "docs" / "model_cards"
-# Test accuracy the CIFAR model repos publish after 100-200 GPU epochs (issue 5's targets).
+# Test accuracy the CIFAR model repos publish after 100-200 GPU epochs: the scale a card's budget note
+# compares against (README, "Pretrained CIFAR-10 weights").
 PUBLISHED = {
     "mobilenet_v2": "93.8-93.9% (chenyaofo/pytorch-cifar-models, 2.24 M params)",
     "resnet20": "92.6% (chenyaofo/pytorch-cifar-models; He et al. 2016: 91.25%)",
@@ -49,6 +50,11 @@ def default_entry(model_cfg: dict) -> str:
     if model_cfg.get("conv_mode", "separable") != "separable":
         tag.append(model_cfg["conv_mode"])
     return ".".join([model_cfg["name"], "_".join(tag)] if tag else [model_cfg["name"]])
+
+
+def this_machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs), {gpu}"
 
 
 def eval_overrides(model_cfg: dict, data_root: str, run_dir: Path, source: list[str]) -> list[str]:
@@ -70,7 +76,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--entry", help="entry name (default: <model>[.w<width>])")
     parser.add_argument("--data-root", required=True, help="data.root for the validation measurement")
-    parser.add_argument("--hardware", default="2-core AMD EPYC CPU sandbox, no GPU")
+    parser.add_argument("--hardware", default=this_machine(), help="where the run trained (default: this machine, %(default)s)")
     parser.add_argument("--notes", default="", help="a sentence on what this budget reached")
     parser.add_argument("--card-only", action="store_true", help="rewrite docs/model_cards/<entry>.md from the card")
     args = parser.parse_args()
@@ -95,8 +101,7 @@ def main() -> None:
     CARDS_DIR.mkdir(parents=True, exist_ok=True)
     file = WEIGHTS_DIR / f"{entry}.safetensors"
     card_path = WEIGHTS_DIR / f"{entry}.json"
-    model = models.create_model(model_cfg["name"], num_classes=data_cfg["num_classes"], stem=model_cfg["stem"],
-                                width=model_cfg["width"], conv_mode=model_cfg["conv_mode"], **(model_cfg.get("kwargs") or {}))
+    model = build_model(model_cfg, num_classes=data_cfg["num_classes"])
     model.load_state_dict(state)
     cost = models.profile(model, (1, 3, 32, 32))
 

@@ -19,7 +19,7 @@
 #             $OUT/gpu_runs.tar.part00, part01, ... of at most 15 MB.
 #   here:   tools/gpu_train.sh unpack <folder holding the parts> [--hardware "NVIDIA H100 80GB"]
 #             restores runs/gpu/<entry>/ and exports each run as a shipped entry
-#             (tools/export_weights.py: validation accuracy measured again here, card written).
+#             (python -m tools.export_weights: validation accuracy measured again here, card written).
 #
 # EXTRA (train) adds overrides to every run, e.g. EXTRA="trainer.limit_train_batches=2" for a smoke run;
 # RUNS (default runs) is where run folders go, GPU_DIR (default .gpu) where the data parts are; NO_EXPORT=1 (unpack) restores the runs without exporting.
@@ -90,7 +90,7 @@ unpack)
   for run in "$RUNS"/gpu/*/; do
     entry=$(basename "$run")
     [ -f "$run/summary.json" ] || { echo "== $entry: did not finish (no summary.json)"; continue; }
-    $PY tools/export_weights.py "$run" --entry "$entry" --data-root "$DATA_ROOT" --hardware "$hardware" || echo "== $entry: export failed"
+    $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" --hardware "$hardware" || echo "== $entry: export failed"
   done
   ;;
 *)

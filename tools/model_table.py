@@ -1,7 +1,7 @@
 """Print the README's model table: params and mult-adds of every registered model at both stems,
 plus training img/s and the shipped CIFAR-10 weights' validation accuracy where known.
 
-    python tools/model_table.py [--train-speed outputs/bench_train_speed/train_speed.csv]
+    python -m tools.model_table [--train-speed outputs/bench_train_speed/train_speed.csv]
 
 Counts come from `models.profile` (FlopCounterMode); CIFAR stem: 10 classes at 32x32;
 ImageNet stem: 1000 classes at 224x224 (299x299 for Xception models, as in the paper).
@@ -55,7 +55,7 @@ def row(name: str, speed: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-speed", help="CSV written by benchmarks/train_speed.py --all --out")
+    parser.add_argument("--train-speed", help="CSV written by python -m benchmarks.train_speed --all --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     speed = train_speed(args.train_speed)

@@ -36,6 +36,6 @@ for recipe in "${RECIPES[@]}"; do
   fi
   # export when the run is newer than the shipped card (a finished run replaces the old entry)
   if [ -f "$run/summary.json" ] && [ "$run/summary.json" -nt "models/weights/$entry.json" ]; then
-    $PY tools/export_weights.py "$run" --entry "$entry" --data-root "$DATA_ROOT" || echo "== $entry: export failed"
+    $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" || echo "== $entry: export failed"
   fi
 done

@@ -1,6 +1,6 @@
 """Check that every shipped entry's card states the validation accuracy `eval.py` measures.
 
-    python tools/verify_pretrained.py --data-root ../shared/data/cifar10
+    python -m tools.verify_pretrained --data-root ../shared/data/cifar10
 
 Runs each card's documented `eval.py ... pretrained=true` command as a subprocess and prints a
 table of stated vs measured top-1; exits 1 if any differs by more than 0.01 points.
@@ -15,10 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import models
 
-import models  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from malloc. With glibc's defaults every step's large
 returned to the operating system when freed and page-faulted back in on the next step; where page
 faults are expensive (virtual machines, sandboxes) that costs more than the arithmetic of the
 elementwise layers. Raising the trim threshold and padding the heap makes the freed memory reusable.
-Measured on a 2-core Xeon sandbox, fresh processes alternated (docs/training.md, "Memory allocator"):
-mobilenet_v2 trains about 1.5x faster and resnet20 about 1.08x.
+What that gains, model by model and on which machine: docs/training.md, "Memory allocator"
+(`python -m benchmarks.allocator` measures it again).
 """
 
 from __future__ import annotations

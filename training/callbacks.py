@@ -1,4 +1,5 @@
-"""Callbacks: throughput/wall-time accounting that survives a resume; the weight EMA."""
+"""Callbacks: throughput/wall-time accounting that survives a resume; the weight EMA; the best
+checkpoint's epoch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class ThroughputMeter(L.Callback):
@@ -129,3 +131,39 @@ class WeightEMA(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if "ema_state_dict" in checkpoint:
             self.average = {k: v.clone() for k, v in checkpoint["ema_state_dict"].items()}
+
+
+class BestEpoch(L.Callback):
+    """The epoch of the weights a ModelCheckpoint (`checkpoint`, monitoring a score) holds as its best.
+
+    ModelCheckpoint keeps the best score and path, not the epoch. Its best score changes only when it
+    saves a better epoch, and every save asks the callbacks for their state right after that change:
+    that is when this notes `trainer.current_epoch`. The epoch travels in every checkpoint, so a
+    resumed run still knows it. `epoch` is None before the first best, and after resuming from a
+    checkpoint written without this callback, until a better epoch comes.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.epoch: int | None = None
+        self._score: float | None = None  # the best score `epoch` belongs to
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # after a resume: a best score restored without our state belongs to an epoch we do not know
+        best = self.checkpoint.best_model_score
+        if self._score is None and best is not None:
+            self._score = float(best)
+
+    def state_dict(self) -> dict:
+        # called while a checkpoint is written, after ModelCheckpoint updated its best score
+        best = self.checkpoint.best_model_score
+        if best is not None and float(best) != self._score and self._trainer is not None:
+            self.epoch, self._score = self._trainer.current_epoch, float(best)
+        return {"epoch": self.epoch, "score": self._score}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._score = state.get("epoch"), state.get("score")

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics import MeanMetric, MetricCollection
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-import models
-
 from .errors import ConfigError, NonFiniteLossError
+from .models import build_model
 
 IGNORE = -1  # label of the padding the fast loader adds so every DDP rank sees the same batch count
-
-
-def build_model(model_cfg: dict, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """`models.create_model` from a model config section; its ValueError/KeyError (unknown name,
-    option or pretrained entry) becomes a ConfigError that keeps its message."""
-    cfg = dict(model_cfg)
-    name = cfg.pop("name", None)
-    kwargs = dict(cfg.pop("kwargs", None) or {})
-    cfg.pop("num_classes", None)
-    try:
-        return models.create_model(name, num_classes=int(num_classes), pretrained=bool(pretrained), **cfg, **kwargs)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise ConfigError(f"cannot build model {name!r}: {msg}") from err
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -48,14 +36,80 @@ def warmup_cosine(step: int, total: int, warmup: int, start_factor: float, final
     return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _stage_metrics(num_classes: int, per_class: bool = False) -> MetricCollection:
-    metrics = {
-        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORE),
-        "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", ignore_index=IGNORE),
-    }
-    if per_class:
-        metrics["confusion"] = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
-    return MetricCollection(metrics)
+# -- schedules the optim/scheduler configs name: scheduler(optimizer, total_steps=..., warmup_steps=...) --
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                           start_factor: float = 0.1, final_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The default: `warmup_cosine` per step, as a LambdaLR."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps, start_factor, final_factor))
+
+
+def one_cycle_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, max_lr: float,
+                       cycle_momentum: bool = True) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's OneCycleLR, rising to `max_lr` over the warm-up steps."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(max_lr), total_steps=total_steps,
+                                               pct_start=max(warmup_steps / total_steps, 1e-3), cycle_momentum=cycle_momentum)
+
+
+def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+OPTIMIZERS = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}  # optim.name -> target
+SCHEDULES = {"cosine": f"{__name__}.warmup_cosine_schedule", "onecycle": f"{__name__}.one_cycle_schedule",
+             "constant": f"{__name__}.constant_schedule"}  # optim.schedule -> target
+
+
+def optim_targets(optim: dict) -> tuple[dict, dict]:
+    """The `optimizer` and `scheduler` targets of an optim config.
+
+    A checkpoint written before the optim configs held them has only the plain keys (name, lr,
+    momentum, nesterov, schedule, ...): it gets the targets those keys meant then, so rebuilding an
+    old run trains as it did. In a config with targets, `name` and `schedule` describe them; one
+    edited on its own (`optim.schedule=onecycle`) would change nothing, so that is an error saying
+    which config to choose instead.
+    """
+    if "optimizer" in optim and "scheduler" in optim:
+        for key, table, spec, choose in (("name", OPTIMIZERS, optim["optimizer"], "optim="),
+                                         ("schedule", SCHEDULES, optim["scheduler"], "optim/scheduler=")):
+            value, target = optim.get(key), spec.get("_target_")
+            if value in table and target in table.values() and table[value] != target:
+                raise ConfigError(f"optim.{key}={value!r} but the config's target is {target}: choose it with {choose}{value}")
+        return optim["optimizer"], optim["scheduler"]
+    name, lr, schedule = optim.get("name", "sgd"), float(optim["lr"]), optim.get("schedule", "cosine")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r}: choose sgd or adamw")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r}: choose cosine, onecycle or constant")
+    opt = {"sgd": {"momentum": float(optim.get("momentum", 0.9)), "nesterov": bool(optim.get("nesterov", True))},
+           "adamw": {}}[name]
+    sched = {"cosine": {"start_factor": float(optim.get("warmup_start_factor", 0.1)), "final_factor": float(optim.get("final_lr_factor", 0.0))},
+             "onecycle": {"max_lr": lr, "cycle_momentum": name == "sgd"},
+             "constant": {}}[schedule]
+    return ({"_target_": OPTIMIZERS[name], "_partial_": True, "lr": lr, **opt},
+            {"_target_": SCHEDULES[schedule], "_partial_": True, **sched})
+
+
+def _instantiate(spec: dict, where: str):
+    try:
+        return instantiate(spec, _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{where}: {err.__cause__ or err}") from None
+
+
+def call_with(factory: Callable, *args: Any, **available: Any) -> Any:
+    """`factory(*args, **kw)` with those of the `available` keywords that its signature names and
+    that it was not already given (a partial's keywords, i.e. the config, win)."""
+    params = inspect.signature(factory).parameters
+    bound = getattr(factory, "keywords", {}) or {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return factory(*args, **{k: v for k, v in available.items() if (takes_any or k in params) and k not in bound})
+
+
+def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes, top_k=min(top_k, num_classes), average="micro", ignore_index=IGNORE)
 
 
 class ClassifierModule(L.LightningModule):
@@ -63,12 +117,13 @@ class ClassifierModule(L.LightningModule):
 
     `config` is the whole resolved run config as plain dicts: it is saved in every checkpoint
     (`hyper_parameters`), which is all `eval.py` needs to rebuild the model, and plain data keeps
-    checkpoints loadable with `torch.load(weights_only=True)`.
+    checkpoints loadable with `torch.load(weights_only=True)`. `tta`: average each image's
+    prediction with its horizontal mirror's when evaluating.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, tta: bool = False):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters("config")  # the config only: `tta` is how this process evaluates, not the run
         self.config = config
         data, optim = config["data"], config.get("optim") or {}
         self.num_classes = int(data["num_classes"])
@@ -78,13 +133,13 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = bool(config.get("channels_last", False))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.tta = False  # flip test-time augmentation, switched on by eval.py
-        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=IGNORE)
-        self.train_loss = MeanMetric()
-        self.val_metrics = _stage_metrics(self.num_classes)
-        self.val_loss = MeanMetric()
-        self.test_metrics = _stage_metrics(self.num_classes, per_class=True)
-        self.test_loss = MeanMetric()
+        self.tta = bool(tta)  # flip test-time augmentation in validation/test steps (eval.py's eval.tta)
+        # Logged as metric objects: Lightning computes them (synced across DDP ranks) at the end of
+        # each epoch and resets them. Metric states are not saved in checkpoints.
+        self.train_acc, self.train_loss = _accuracy(self.num_classes), MeanMetric()
+        self.val_acc, self.val_acc_top5, self.val_loss = _accuracy(self.num_classes), _accuracy(self.num_classes, 5), MeanMetric()
+        self.test_acc, self.test_acc_top5, self.test_loss = _accuracy(self.num_classes), _accuracy(self.num_classes, 5), MeanMetric()
+        self.test_confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE)
         self.test_report: dict[str, Any] = {}
 
     def setup(self, stage: str) -> None:
@@ -107,6 +162,8 @@ class ClassifierModule(L.LightningModule):
         self._check_finite(loss)
         self.train_loss.update(loss.detach(), weight=len(y))
         self.train_acc.update(logits.detach(), y)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -122,60 +179,49 @@ class ClassifierModule(L.LightningModule):
                 "or try trainer.precision=32-true."
             )
 
-    def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute())
-        self.log("train/acc", self.train_acc.compute())
-        self.train_loss.reset()
-        self.train_acc.reset()
-
     # -- evaluation --------------------------------------------------------------------------
 
-    def _eval_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> None:
+    def _eval_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update and log the stage's metrics (val or test); returns the logits and labels."""
         x, y = batch
         logits = self(x).float()
         if self.tta:  # average the class probabilities of the image and its mirror
             probs = (logits.softmax(-1) + self(x.flip(-1)).float().softmax(-1)) / 2
             logits = probs.clamp_min(1e-12).log()
+        acc, acc_top5, loss_metric = (self.val_acc, self.val_acc_top5, self.val_loss) if stage == "val" else \
+            (self.test_acc, self.test_acc_top5, self.test_loss)
         valid = y != IGNORE
         if valid.any():
             # plain cross-entropy (no smoothing) so eval losses compare across recipes
-            loss = F.cross_entropy(logits[valid], y[valid])
-            loss_metric.update(loss, weight=int(valid.sum()))
-        metrics.update(logits, y)
+            loss_metric.update(F.cross_entropy(logits[valid], y[valid]), weight=int(valid.sum()))
+        acc.update(logits, y)
+        acc_top5.update(logits, y)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc_top5", acc_top5, on_step=False, on_epoch=True)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return logits, y
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, self.val_loss)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.log("val/acc", values["acc"], prog_bar=True)
-        self.log("val/acc_top5", values["acc_top5"])
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_metrics.reset()
-        self.val_loss.reset()
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, self.test_loss)
+        self.test_confusion.update(*self._eval_step(batch, "test"))
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        loss = self.test_loss.compute()
-        confusion = values["confusion"].cpu()
+        # Lightning logs and resets the scalars after this hook (compute() caches, so the values
+        # match); the confusion matrix is the report's own.
+        confusion = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
         per_class = confusion.diag().float() / confusion.sum(1).clamp_min(1).float()
-        self.log("test/acc", values["acc"])
-        self.log("test/acc_top5", values["acc_top5"])
-        self.log("test/loss", loss)
         self.test_report = {
-            "top1": float(values["acc"]),
-            "top5": float(values["acc_top5"]),
-            "loss": float(loss),
+            "top1": float(self.test_acc.compute()),
+            "top5": float(self.test_acc_top5.compute()),
+            "loss": float(self.test_loss.compute()),
             "num_images": int(confusion.sum()),
             "per_class": {str(name): float(acc) for name, acc in zip(self.class_names, per_class)},
             "confusion": confusion.tolist(),
             "classes": [str(c) for c in self.class_names],
         }
-        self.test_metrics.reset()
-        self.test_loss.reset()
 
     # -- exact resume ------------------------------------------------------------------------
 
@@ -196,15 +242,11 @@ class ClassifierModule(L.LightningModule):
     # -- optimizer and schedule --------------------------------------------------------------
 
     def configure_optimizers(self):
+        """The optim config's `optimizer` over `param_groups`, and its `scheduler` stepped every batch,
+        given the step counts it asks for (total_steps, warmup_steps, steps_per_epoch)."""
         cfg = self.config.get("optim") or {}
-        groups = param_groups(self.model, float(cfg.get("weight_decay", 0.0)))
-        name = cfg.get("name", "sgd")
-        if name == "sgd":
-            opt = torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg.get("momentum", 0.9)), nesterov=bool(cfg.get("nesterov", True)))
-        elif name == "adamw":
-            opt = torch.optim.AdamW(groups, lr=float(cfg["lr"]))
-        else:
-            raise ConfigError(f"optim.name={name!r}: choose sgd or adamw")
+        opt_spec, sched_spec = optim_targets(cfg)
+        opt = _instantiate(opt_spec, "optim.optimizer")(param_groups(self.model, float(cfg.get("weight_decay", 0.0))))
 
         # The schedule spans optim.epochs (default: trainer.max_epochs), so a run stopped early
         # and resumed follows the same curve as one that ran through.
@@ -213,17 +255,6 @@ class ClassifierModule(L.LightningModule):
         epochs = float(cfg.get("epochs") or self.trainer.max_epochs)
         total = max(1, int(epochs * steps_per_epoch))
         warmup = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
-        schedule = cfg.get("schedule", "cosine")
-        if schedule == "cosine":
-            start, final = float(cfg.get("warmup_start_factor", 0.1)), float(cfg.get("final_lr_factor", 0.0))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, start, final))
-        elif schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=float(cfg["lr"]), total_steps=total, pct_start=max(warmup / total, 1e-3),
-                cycle_momentum=name == "sgd",
-            )
-        elif schedule == "constant":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        else:
-            raise ConfigError(f"optim.schedule={schedule!r}: choose cosine, onecycle or constant")
+        sched = call_with(_instantiate(sched_spec, "optim.scheduler"), opt, total_steps=total, warmup_steps=warmup,
+                          steps_per_epoch=steps_per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,36 @@
+"""tools/ and benchmarks/ are packages run as modules from the repository root
+(`python -m tools.export_weights ...`), importable without any sys.path edits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.ablation_report", "tools.model_table",
+           "benchmarks.train_speed", "benchmarks.data_loading"]
+
+
+def test_no_file_in_tools_or_benchmarks_edits_sys_path():
+    for folder in ("tools", "benchmarks"):
+        assert (REPO / folder / "__init__.py").is_file()
+        for path in (REPO / folder).glob("*.py"):
+            assert "sys.path" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_runs_as_a_module(module):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo root as cwd is all it needs
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_the_shell_scripts_call_the_tools_as_modules():
+    for script in ("train_pretrained.sh", "gpu_train.sh"):
+        text = (REPO / "tools" / script).read_text()
+        assert "-m tools.export_weights" in text and "tools/export_weights.py" not in text
