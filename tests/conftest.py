@@ -94,7 +94,7 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def _pipeline_tests_use_one_thread(request):
-    if request.module.__name__.startswith(("test_train", "test_eval", "test_data")):
+    if request.module.__name__.startswith(("test_train", "test_eval", "test_data", "test_model_api", "test_onnx")):
         with one_thread():
             yield
     else:

@@ -35,12 +35,6 @@ STEMS = ["cifar", "imagenet"]
 ALWAYS_COMPILED = {"mobilenet_v3_small", "resnet20", "resnet38_bottleneck", "xception_small"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(name: str, stem: str = "cifar", **kwargs) -> nn.Module:

@@ -16,13 +16,6 @@ from conftest import model_with_bn_statistics  # noqa: E402
 from benchmarks.onnx_export import export_onnx, max_rel_error, ort_run, ort_session  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Correctness only: one thread avoids OpenMP stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(name, stem):
