@@ -99,17 +99,19 @@ class WeightEMA(L.Callback):
         else:
             self.average = {k: self.average[k].to(device=v.device, dtype=v.dtype) for k, v in state.items()}
         # the live tensors, once: state_dict() shares storage with the parameters and buffers
-        self._pairs = [(self.average[k], v) for k, v in state.items()]
+        # split once, not every step: floating tensors are averaged, counters copied
+        pairs = [(self.average[k], v) for k, v in state.items()]
+        self._avg = [a for a, _ in pairs if a.is_floating_point()]
+        self._live = [v for a, v in pairs if a.is_floating_point()]
+        self._counters = [(a, v) for a, v in pairs if not a.is_floating_point()]  # e.g. BN's num_batches_tracked
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # already counts the step just taken
         weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
-        floats = [(a, v) for a, v in self._pairs if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [v for _, v in floats], weight)
-        for a, v in self._pairs:
-            if not a.is_floating_point():  # e.g. BN's num_batches_tracked: a counter, not a quantity to average
-                a.copy_(v)
+        torch._foreach_lerp_(self._avg, self._live, weight)
+        for a, v in self._counters:
+            a.copy_(v)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.average is None or trainer.sanity_checking:
