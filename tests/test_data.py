@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 
@@ -254,6 +255,33 @@ def test_download_asks_torchvision_then_reads_its_files(tmp_path, monkeypatch):
     dm.setup("fit")
     assert calls == [(str(root), True, True), (str(root), False, True)]
     assert dm.has_test and len(dm.splits["test"][1]) == 40
+
+
+@pytest.mark.parametrize("data", ["cifar10", "cifar100"])
+def test_shipped_configs_download_into_an_empty_root_by_default(tmp_path, monkeypatch, data):
+    # The README's main job is `python train.py model=...` on a fresh machine: no data.root, no
+    # download flag. The shipped data config must fetch CIFAR then, and only then.
+    import torchvision
+
+    from conftest import compose_config, make_cifar_files
+
+    calls = []
+
+    class FakeCIFAR:
+        def __init__(self, root, train, download):
+            calls.append(train)
+            if train:  # torchvision's first call writes the archive's files, both splits
+                make_cifar_files(Path(root), name=data)
+
+    monkeypatch.setattr(torchvision.datasets, {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[data], FakeCIFAR)
+    cfg = compose_config("train", [f"data={data}", f"data.root={tmp_path / 'fresh'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert cfg.data.download is True
+    dm = CifarDataModule(OmegaConf.to_container(cfg.data, resolve=True), seed=0)
+    dm.locate()
+    assert calls == [True, False] and dm.train_source.layout == "cifar"
+    dm.train_source = None
+    dm.locate()  # the files are there now: nothing is downloaded again
+    assert calls == [True, False]
 
 
 def test_unreadable_cifar_file_is_named(tmp_path, cifar_root):

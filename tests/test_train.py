@@ -335,7 +335,7 @@ def test_bad_data_root_says_what_layout_is_expected(compose_train, tmp_path, kin
     if kind == "empty":
         (root / "train").mkdir(parents=True)
     with pytest.raises(DataError) as err:
-        train(compose_train(data_root=root))
+        train(compose_train("data.download=false", data_root=root))
     assert "<root>/train/<class>/*.png" in str(err.value) and "data.download=true" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
 

@@ -132,7 +132,7 @@ def test_unknown_names_list_the_options(tmp_path, override, expected):
 
 def test_bad_inputs_exit_with_a_message_not_a_traceback(tmp_path, imagefolder_root):
     base = cli_overrides(imagefolder_root, tmp_path / "run", tmp_path / "cache")
-    missing = failed_cleanly(run_script("train.py", *base, f"data.root={tmp_path / 'nope'}"))
+    missing = failed_cleanly(run_script("train.py", *base, f"data.root={tmp_path / 'nope'}", "data.download=false"))
     assert "does not exist" in missing and "<root>/train/<class>/*.png" in missing and "data.download=true" in missing
 
     bad_name = failed_cleanly(run_script("train.py", *base, "model.name=resnet21"))

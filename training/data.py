@@ -3,7 +3,7 @@
 Sources (``data.root``), detected in this order:
   1. an ImageFolder tree ``<root>/train/<class>/*.png`` (and ``<root>/test/...`` when present);
   2. torchvision's CIFAR files ``<root>/cifar-10-batches-py`` / ``<root>/cifar-100-python``;
-  3. nothing there and ``data.download=true``: torchvision downloads (2).
+  3. nothing there and ``data.download=true`` (the default): torchvision downloads (2) into root.
 
 Loaders (``data.loader``):
   - ``fast`` (default): every split is decoded once into a uint8 tensor cached on disk, keyed
@@ -54,8 +54,8 @@ def how_to_get_data(name: str, root: str) -> str:
         f"  - an ImageFolder tree: <root>/train/<class>/*.png (optional <root>/test/<class>/*.png), "
         f"class folders named as in the data config's `classes`;\n"
         f"  - torchvision's CIFAR files: <root>/{folder}/.\n"
-        f"To get CIFAR: with internet, add data.download=true (torchvision downloads it into data.root); "
-        f"offline, point data.root at an ImageFolder tree (e.g. data.root=../shared/data/cifar10)."
+        f"To get CIFAR: with internet, data.download=true (the default) has torchvision download it into data.root; "
+        f"offline, point data.root at an ImageFolder tree or CIFAR files (e.g. data.root=../shared/data/cifar10)."
     )
 
 
@@ -128,7 +128,7 @@ def find_source(data_cfg: Any, split: str) -> SplitSource | None:
 
 
 def download(data_cfg: Any) -> None:
-    """Let torchvision fetch CIFAR into data.root (only called with data.download=true)."""
+    """Let torchvision fetch CIFAR into data.root (called when data.root holds none and data.download=true)."""
     import torchvision
 
     name = _cfg(data_cfg, "name", "cifar10")
