@@ -34,3 +34,19 @@ def test_the_shell_scripts_call_the_tools_as_modules():
     for script in ("train_pretrained.sh", "gpu_train.sh"):
         text = (REPO / "tools" / script).read_text()
         assert "-m tools.export_weights" in text and "tools/export_weights.py" not in text
+
+
+def test_time_to_accuracy_table_reads_every_card_and_the_peers():
+    from tools.export_weights import PUBLISHED
+    from tools.model_table import time_to_accuracy
+
+    import models
+
+    lines = time_to_accuracy().splitlines()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:]}
+    assert sorted(rows) == sorted(models.list_pretrained())
+    for entry, line in rows.items():
+        meta = models.pretrained_meta(entry)
+        assert f"{meta['val_acc']:.2f}%" in line and f"| {meta['recipe']['epochs']} |" in line
+        peer = PUBLISHED.get(entry)
+        assert (f"{peer.acc} ({peer.epochs} ep" in line) if peer else line.rstrip().endswith("| - |")

@@ -2,6 +2,7 @@
 plus training img/s and the shipped CIFAR-10 weights' validation accuracy where known.
 
     python -m tools.model_table [--train-speed outputs/bench_train_speed/train_speed.csv]
+    python -m tools.model_table --time-to-accuracy   # the shipped entries' budgets against the peers'
 
 Counts come from `models.profile` (FlopCounterMode); CIFAR stem: 10 classes at 32x32;
 ImageNet stem: 1000 classes at 224x224 (299x299 for Xception models, as in the paper).
@@ -17,6 +18,7 @@ import csv
 import torch
 
 import models
+from benchmarks.common import md_table
 
 
 def imagenet_size(name: str) -> int:
@@ -53,10 +55,31 @@ def row(name: str, speed: dict[str, float]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def time_to_accuracy() -> str:
+    """Per shipped entry: the budget its card records (epochs, wall time, hardware) and the
+    validation accuracy it bought, next to what the CIFAR model repos publish for the architecture."""
+    from tools.export_weights import PUBLISHED
+
+    rows = []
+    for entry in models.list_pretrained():
+        meta = models.pretrained_meta(entry)
+        recipe, peer = meta["recipe"], PUBLISHED.get(entry)
+        rows.append([
+            f"`{entry}`", str(recipe["epochs"]), f"{recipe['wall_seconds'] / 3600:.2f} h", recipe["hardware"],
+            f"{meta['val_acc']:.2f}%", f"{peer.acc} ({peer.epochs} ep; {peer.source})" if peer else "-",
+        ])
+    return md_table(["entry", "epochs", "wall time", "hardware", "val acc (card)", "published test acc (epochs; source)"],
+                    rows, right=[False, True, True, False, True, False])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-speed", help="CSV written by python -m benchmarks.train_speed --all --out")
+    parser.add_argument("--time-to-accuracy", action="store_true", help="print the shipped entries' budget table instead")
     args = parser.parse_args()
+    if args.time_to_accuracy:
+        print(time_to_accuracy())
+        return
     torch.manual_seed(0)
     speed = train_speed(args.train_speed)
     print(
