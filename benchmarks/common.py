@@ -55,10 +55,15 @@ class Timing:
     @property
     def iqr_rel(self) -> float:
         """Interquartile range over median: how noisy the samples were."""
+        return self.iqr / self.median
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range of the samples (nan under 4 samples: too few to have quartiles)."""
         if len(self.samples) < 4:
             return float("nan")
         q = statistics.quantiles(self.samples, n=4)
-        return (q[2] - q[0]) / self.median
+        return q[2] - q[0]
 
 
 def _time_once(fn: Callable[[], object], inner: int) -> float:
@@ -75,28 +80,39 @@ def bench(
     min_sample_s: float = 2e-3,
     budget_s: float | None = None,
     min_repeats: int = 5,
+    inner: int | None = None,
+    on_round: Callable[[int, dict[str, Timing]], None] | None = None,
 ) -> dict[str, Timing]:
     """Time each callable, interleaved: every round runs each of them once (a sample), in an order
     that rotates every round. Calls faster than `min_sample_s` are repeated inside a sample.
     `budget_s`, if given, lowers the number of rounds (not below `min_repeats`) so the whole
-    comparison takes about that long."""
+    comparison takes about that long.
+
+    `inner` fixes the calls per sample instead, and skips the call that would size it: a training
+    step of seconds needs no sizing, and an extra step would cost more than the samples.
+    `on_round(round_index, timings)` is called after every round (progress logs)."""
     names = list(fns)
-    inner: dict[str, int] = {}
+    calls: dict[str, int] = {}
     for name in names:
         fn = fns[name]
         for _ in range(warmup):
             fn()
-        once = _time_once(fn, 1)
-        inner[name] = max(1, int(min_sample_s / max(once, 1e-7)))
+        if inner is None:
+            once = _time_once(fn, 1)
+            calls[name] = max(1, int(min_sample_s / max(once, 1e-7)))
+        else:
+            calls[name] = inner
     rounds = repeats
     if budget_s is not None:
-        per_round = sum(_time_once(fns[n], inner[n]) * inner[n] for n in names)
+        per_round = sum(_time_once(fns[n], calls[n]) * calls[n] for n in names)
         rounds = max(min_repeats, min(repeats, int(budget_s / max(per_round, 1e-9))))
-    out = {name: Timing(inner=inner[name]) for name in names}
+    out = {name: Timing(inner=calls[name]) for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            out[name].samples.append(_time_once(fns[name], inner[name]))
+            out[name].samples.append(_time_once(fns[name], calls[name]))
+        if on_round is not None:
+            on_round(r, out)
     return out
 
 

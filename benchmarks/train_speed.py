@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from benchmarks.common import Timing, machine_info, md_table, paired_ratio, write_csv
+from benchmarks.common import Timing, bench, machine_info, md_table, paired_ratio, write_csv
 from training.allocator import keep_freed_memory
 from training.module import param_groups
 from training.pipeline import native_bf16_cpu
@@ -194,25 +194,11 @@ class TrainStep:
 # -- timing -----------------------------------------------------------------------------------
 
 
-def time_rounds(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, steps: int = 1, log=None) -> dict[str, Timing]:
-    """Seconds per step of each callable, interleaved: `warmup` untimed calls each, then `rounds`
-    rounds in which every callable runs `steps` times (one sample), the order rotating by one
-    every round."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    out = {name: Timing(inner=steps) for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            for _ in range(steps):
-                fns[name]()
-            out[name].samples.append((time.perf_counter() - start) / steps)
-        if log:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n].samples[-1]:.2f} s" for n in names))
-    return out
+def round_logger(log) -> Callable[[int, dict[str, Timing]], None] | None:
+    """`bench`'s per-round hook printing every row's latest step time (a training step takes seconds)."""
+    if not log:
+        return None
+    return lambda r, out: log(f"  round {r + 1}: " + ", ".join(f"{n} {t.samples[-1]:.2f} s" for n, t in out.items()))
 
 
 def img_s(t: Timing, batch: int) -> float:
@@ -239,7 +225,7 @@ def head_to_head(batch: int, rounds: int, warmup: int = 1, steps: int = 1, width
     for key, which, settings in ROWS:
         torch.manual_seed(0)
         steps_by_key[key] = TrainStep(builders[which](width=width), settings, batch)
-    timings = time_rounds(steps_by_key, rounds, warmup, steps, log=log)
+    timings = bench(steps_by_key, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
     base = timings["tv_plain"]
     rows = []
     for key, which, settings in ROWS:
@@ -288,7 +274,7 @@ def all_models(batch: int, rounds: int, warmup: int = 1, steps: int = 1, names: 
         model = models.create_model(name, num_classes=10, stem="cifar", width=width)
         costs[name] = models.profile(model, (1, 3, 32, 32))
         fns[name] = TrainStep(model, DEFAULT, batch)
-    timings = time_rounds(fns, rounds, warmup, steps, log=log)
+    timings = bench(fns, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
     return [
         {
             "table": "models",
@@ -326,7 +312,7 @@ def precision_grid(names: list[str], batch: int, rounds: int, warmup: int = 1, s
             torch.manual_seed(0)
             fns[(name, settings.name)] = TrainStep(models.create_model(name, num_classes=10), settings, batch)
     keyed = {f"{n}/{s}": fn for (n, s), fn in fns.items()}
-    timings = time_rounds(keyed, rounds, warmup, steps, log=log)
+    timings = bench(keyed, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
     rows = []
     for name in names:
         base = timings[f"{name}/fp32 channels-last"]
@@ -388,7 +374,7 @@ def roofline(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: 
         model = models.create_model(name, num_classes=10)
         traffic[name] = step_traffic(model, batch)
         fns[name] = TrainStep(model, DEFAULT, batch)
-    timings = time_rounds(fns, rounds, warmup, steps, log=log)
+    timings = bench(fns, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
     peaks = merge_peaks(peaks_start, measure_peaks())
     rows = []
     for name in names:

@@ -11,14 +11,14 @@ import pytest
 
 from conftest import REPO
 
-MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.ablation_report", "tools.model_table",
+MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.ablation", "tools.model_table",
            "benchmarks.train_speed", "benchmarks.data_loading"]
 
 
 def test_no_file_in_tools_or_benchmarks_edits_sys_path():
     for folder in ("tools", "benchmarks"):
         assert (REPO / folder / "__init__.py").is_file()
-        for path in (REPO / folder).glob("*.py"):
+        for path in (REPO / folder).rglob("*.py"):
             assert "sys.path" not in path.read_text(), path
 
 

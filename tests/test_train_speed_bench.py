@@ -85,3 +85,16 @@ def test_roofline_rows():
     peaks, rows = ts.roofline(["resnet20"], batch=2, rounds=1, warmup=0)
     assert peaks["peak_gflops"] > 0 and peaks["bw_gbs"] > 0
     assert rows[0]["x_floor"] > 0 and rows[0]["bound"] in ("compute", "memory")
+
+
+def test_steps_are_timed_by_the_shared_interleaved_helper():
+    """benchmarks.common.bench with a fixed `inner`: no sizing call (a training step is expensive),
+    `warmup` untimed calls, rotating order, and the per-round log the benchmark prints."""
+    from benchmarks.common import bench
+
+    calls, logged = [], []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    t = bench(fns, repeats=3, warmup=1, inner=2, on_round=ts.round_logger(logged.append))
+    assert calls == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert [len(x.samples) for x in t.values()] == [3, 3] and t["a"].inner == 2
+    assert len(logged) == 3 and logged[0].startswith("  round 1: a ")

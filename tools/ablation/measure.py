@@ -1,0 +1,88 @@
+"""Measuring the runs: each architecture's model rebuilt from its run config (`build_model`), its
+trained weights loaded strictly (so the timed model is the trained one), CPU latency timed with
+`benchmarks.common.bench` (all models interleaved, rotating order, medians and IQR), and one
+results row per run."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks.common import Timing, bench, cpu_name
+from models._loader import CheckpointLoadError, load_checkpoint
+from training.models import build_model
+
+from .runs import Group, Run, recipe
+
+BATCHES = (1, 64)
+
+
+def load_group_model(group: Group) -> torch.nn.Module:
+    """The group's model with its first run's weights; a fresh init when the run kept no checkpoint
+    (the latency of an architecture does not depend on its weights)."""
+    model = build_model(group.model_cfg)
+    path = group.runs[0].checkpoint()
+    if path is not None:
+        try:
+            # the raw weights, not the average: the timing is the same and every run has them
+            load_checkpoint(model, path, use_ema=False, strict=True)
+        except CheckpointLoadError as err:
+            raise SystemExit(f"error: {path} does not fit the model built from its run config "
+                             f"({group.model_cfg}):\n{str(err).splitlines()[0]} ...") from err
+    return model.eval().float()
+
+
+def measure_latency(
+    named_models: Sequence[tuple[str, torch.nn.Module]],
+    batches: Sequence[int] = BATCHES,
+    repeats: int = 20,
+    warmup: int = 3,
+    min_sample_s: float = 0.02,
+    image_size: int = 32,
+) -> dict[str, dict[int, Timing]]:
+    """Seconds per forward pass of each model at each batch size (`bench`: interleaved rounds, the
+    first model rotating, so a burst of load from other processes hits all of them)."""
+    out: dict[str, dict[int, Timing]] = {name: {} for name, _ in named_models}
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, 3, image_size, image_size)
+            fns = {name: (lambda m=model: m(x)) for name, model in named_models}
+            for name, timing in bench(fns, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s).items():
+                out[name][batch] = timing
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None or seconds != seconds else round(1e3 * seconds, 4)
+
+
+def run_row(run: Run, latency: dict[int, Timing] | None = None, threads: int | None = None) -> dict[str, Any]:
+    """A run's results row: cost and accuracy from its summary.json, latency as measured here."""
+    cfg, s = run.model_cfg, run.summary
+    row: dict[str, Any] = {
+        "model": cfg.get("name"), "width": cfg.get("width", 1.0), "stem": cfg.get("stem"), "conv_mode": run.conv_mode,
+        "pointwise_kernel_size": run.k if run.conv_mode == "pointwise_kxk" else None,
+        "epochs": s.get("epochs"), "seed": run.seed, "params": s.get("params"), "macs": s.get("macs"),
+        "val_acc": s.get("best_val_acc"), "test_acc": s.get("test_acc"),
+        "train_img_s": round(float(s["images_per_second"]), 1) if s.get("images_per_second") else None,
+        "recipe": recipe(run), "note": "", "run_dir": str(run.folder),
+    }
+    if latency:
+        row.update({
+            "latency_b1_ms": _ms(latency[1].median), "latency_b1_iqr_ms": _ms(latency[1].iqr),
+            "latency_b64_ms": _ms(latency[64].median), "latency_b64_iqr_ms": _ms(latency[64].iqr),
+            "latency_cpu": f"{cpu_name()}, torch {torch.__version__}, {_dt.date.today()}", "latency_threads": threads,
+        })
+    return row
+
+
+def measure(groups: Sequence[Group], repeats: int = 20, latency: bool = True) -> list[dict[str, Any]]:
+    """One results row per run of `groups`; all groups' models timed in the same interleaved rounds."""
+    times: dict[str, dict[int, Timing]] = {}
+    if latency:
+        named = [(g.label, load_group_model(g)) for g in groups]
+        times = measure_latency(named, repeats=repeats)
+    threads = torch.get_num_threads()
+    return [run_row(run, times.get(g.label), threads) for g in groups for run in g.runs]

@@ -1,0 +1,229 @@
+"""The ablation report, from the results CSV alone (no runs or models needed): one table per family
+with the seeds of each architecture averaged (mean and spread), cross-family plots with one point
+per run, and the published reference points, marked as external."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmarks.common import md_table
+
+from .costs import FAMILIES, family_of
+from .runs import MODES
+
+MARKERS = {"separable": "o", "full": "s", "pointwise_kxk": "^"}
+HEADER = ["model", "width", "mode", "epochs", "runs", "params", "mult-adds", "latency b1 (ms)", "latency b64 (ms)",
+          "train img/s", "val acc", "note"]
+
+# Published results the ablation is read against. Not measured by this project; kept here, with their
+# sources, so the report can set them next to ours.
+REFERENCES = [
+    "**MobileNets, Table 4** (Howard et al. 2017, [arXiv:1704.04861](https://arxiv.org/abs/1704.04861)), "
+    "ImageNet at 224x224: MobileNet with depthwise-separable convolutions reaches 70.6% top-1 for 569 M "
+    "mult-adds (4.2 M params); the same network with full 3x3 convolutions reaches 71.7% for 4,866 M mult-adds "
+    "(29.3 M params). About 1 point of accuracy for 8.6x the mult-adds -- the trade the `full` mode re-runs on CIFAR.",
+    "**BSConv** ([zeiss-microscopy/BSConv](https://github.com/zeiss-microscopy/BSConv), Haase & Amthor, CVPR 2020), "
+    "CIFAR-10 wide ResNets: replacing the regular convolutions with depthwise-separable ones costs between "
+    "0.4 and 2 points of accuracy, the larger losses for the thinner networks (the range as the project's "
+    "ablation issue cites it; the repository's result tables have the exact figures).",
+]
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row["width"], row.get("stem"), row["conv_mode"], row.get("pointwise_kernel_size"),
+            row.get("epochs"))
+
+
+def _order(key: tuple) -> tuple:
+    mode_rank = {m: i for i, m in enumerate(MODES)}
+    model, width, stem, mode, k, epochs = key
+    return (str(model), epochs or 0, mode_rank.get(mode, 99), float(width or 1.0), k or 0, str(stem))
+
+
+def group(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """The runs of each architecture and schedule (their seeds), in model / epochs / mode / width order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(_key(row), []).append(row)
+    return {k: groups[k] for k in sorted(groups, key=_order)}
+
+
+def _values(runs: Sequence[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in runs if r.get(key) is not None]
+
+
+def _median(runs: Sequence[dict], key: str) -> float | None:
+    values = _values(runs, key)
+    return statistics.median(values) if values else None
+
+
+def _acc(runs: Sequence[dict]) -> str:
+    accs = _values(runs, "val_acc")
+    if not accs:
+        return "n/a"
+    text = f"{100 * statistics.fmean(accs):.2f}%"
+    if len(accs) > 1:
+        text += f" ± {100 * statistics.stdev(accs):.2f} (n={len(accs)})"
+    return text
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else (f"{x:,.2f}" if x < 100 else f"{x:,.0f}")
+
+
+def table_row(key: tuple, runs: Sequence[dict]) -> list[str]:
+    model, width, _, mode, k, epochs = key
+    label = mode + (f" (k={k})" if mode == "pointwise_kxk" and k not in (None, 3) else "")
+    ips = _median(runs, "train_img_s")
+    seeds = " ".join(str(r.get("seed")) for r in runs)
+    notes = sorted({r.get("note") or "" for r in runs} - {""})
+    return [f"`{model}`", f"{width:g}", label, "n/a" if epochs is None else str(epochs), f"{len(runs)} (seed {seeds})",
+            f"{runs[0]['params'] / 1e6:,.2f} M", f"{runs[0]['macs'] / 1e6:,.2f} M",
+            _ms(_median(runs, "latency_b1_ms")), _ms(_median(runs, "latency_b64_ms")),
+            "n/a" if ips is None else f"{ips:,.0f}", _acc(runs), "; ".join(notes)]
+
+
+def family_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
+    """(family, markdown table, warnings) per family present, in docs/ablation.md's family order."""
+    by_family: dict[str, list[dict]] = {}
+    for row in rows:
+        by_family.setdefault(family_of(str(row["model"])), []).append(row)
+    known = list(FAMILIES)
+    out = []
+    for family in sorted(by_family, key=lambda f: (known.index(f) if f in known else len(known), f)):
+        members = by_family[family]
+        groups = group(members)
+        warnings = []
+        schedules: dict[tuple, set] = {}
+        for r in members:
+            schedules.setdefault((r["model"], r.get("epochs")), set()).add(r.get("recipe") or "")
+        for (model, epochs), recipes in schedules.items():
+            if len(recipes) > 1:
+                warnings.append(f"warning: the runs differ in more than the ablated keys: `{model}` at {epochs} epochs "
+                                f"was trained with {' / '.join(sorted(recipes))}")
+        table = md_table(HEADER, [table_row(k, runs) for k, runs in groups.items()],
+                         right=[False, True, False, True, False, True, True, True, True, True, True, False])
+        out.append((family, table, warnings))
+    return out
+
+
+def _scatter(ax, rows: Sequence[dict], x_key: str, scale: float, xlabel: str, title: str, colours: dict) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    labelled = set()
+    for row in rows:
+        if row.get(x_key) is None or row.get("val_acc") is None:
+            continue
+        x, y = float(row[x_key]) * scale, 100 * float(row["val_acc"])
+        colour = colours[family_of(str(row["model"]))]
+        hollow = bool(row.get("note"))  # noted runs (e.g. not converged) are drawn open
+        ax.plot([x], [y], MARKERS.get(row["conv_mode"], "D"), ms=8, color=colour,
+                markerfacecolor="none" if hollow else colour, markeredgewidth=1.5)
+        name = f"{row['model']} w{row['width']:g} {row['conv_mode']}"
+        if name not in labelled:  # one label per architecture, not per seed
+            labelled.add(name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if len(labelled) % 2 else -12), fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("best val accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.25, y=0.2)
+
+
+def _legend(ax, colours: dict, noted: bool) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=MARKERS[m], ls="", color="black", label=m) for m in MODES]
+    handles += [Line2D([], [], marker="s", ls="", color=c, label=f) for f, c in colours.items()]
+    if noted:
+        handles.append(Line2D([], [], marker="o", ls="", color="black", markerfacecolor="none", label="open: see note"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
+
+
+def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    families = sorted({family_of(str(r["model"])) for r in rows}, key=lambda f: (list(FAMILIES) + [f]).index(f))
+    colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    noted = any(r.get("note") for r in rows)
+    paths = [out / "acc_vs_macs.png", out / "acc_vs_latency.png"]
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _scatter(ax, rows, "macs", 1e-6, "mult-adds per 32x32 image (M, log scale)", "accuracy vs mult-adds, one point per run",
+             colours)
+    _legend(ax, colours, noted)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, batch in zip(axes, (1, 64)):
+        _scatter(ax, rows, f"latency_b{batch}_ms", 1.0, f"CPU latency, batch {batch} (ms, log scale)",
+                 f"accuracy vs latency, batch {batch}", colours)
+    _legend(axes[0], colours, noted)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def measured_on(rows: Sequence[dict[str, Any]]) -> str:
+    where = sorted({f"{r['latency_cpu']} ({r.get('latency_threads')} thread(s))" for r in rows if r.get("latency_cpu")})
+    return "; ".join(where) or "not measured"
+
+
+def write_report(rows: Sequence[dict[str, Any]], csv_path: Path, out: Path, plots: bool = True) -> str:
+    """report.md (and the two PNGs) in `out`; returns the tables as printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = family_tables(rows)
+    paths = write_plots(rows, out) if plots else []
+    lines = [
+        "# conv_mode ablation: results",
+        "",
+        f"Generated from [{csv_path.name}]({csv_path.name}) ({len(rows)} runs, one CSV row each) by "
+        f"`python -m tools.ablation report {csv_path} --out {out}`; edit the CSV (or re-measure), not this file.",
+        "",
+        "## Reference points (external: published results, not measured by this project)",
+        "",
+        *(f"- {ref}" for ref in REFERENCES),
+        "",
+    ]
+    printed = []
+    for family, table, warnings in sections:
+        lines += [f"## {family}", "", table, ""]
+        lines += [f"- **{w}**" for w in warnings]
+        lines += [""] if warnings else []
+        printed += [f"{family}", table, *warnings, ""]
+    if paths:
+        lines += ["## Plots", "", "One point per run; marker = conv_mode, colour = family.", "",
+                  *(f"![{p.stem}]({p.name})" for p in paths), ""]
+    lines += [
+        "## How it was measured",
+        "",
+        "- **params, mult-adds**: each run's summary.json (`models.profile`, one 3x32x32 image; mult-adds = FLOPs / 2 "
+        "of convolutions and linear layers).",
+        "- **val acc**: best validation accuracy of a run; rows average the seeds of one architecture and schedule "
+        "(mean ± sample std, n). Each run's own value is in the CSV.",
+        "- **train img/s**: training throughput the pipeline measured during the run (median over seeds); the runs "
+        "shared the machine with other jobs, so compare it loosely.",
+        f"- **latency**: measured by `python -m tools.ablation measure` (rows from before it: by its predecessor "
+        f"`tools.ablation_report`, the same way) on {measured_on(rows)}: each architecture's "
+        "model rebuilt from its run config with the trained weights loaded strictly, fp32, eval mode, "
+        "`torch.inference_mode`, random 3x32x32 inputs, `torch.set_num_threads` as listed; all models of one "
+        "measure call timed interleaved (`benchmarks.common.bench`: every round times each model once, in rotating "
+        "order), median ms per forward pass of the whole batch (IQR in the CSV). Compare latencies measured in "
+        "the same call.",
+        "- **width**: the width multiplier; a separable row wider than 1.0 is the equal-cost comparison "
+        "(`python -m tools.ablation match-width <model>` gives the width at which its mult-adds equal `full`'s).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    return "\n".join(printed)
