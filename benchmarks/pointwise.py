@@ -15,7 +15,7 @@ two best rounds (interference only adds time, so the best rounds are the least d
 two over this machine's roofline floor max(FLOPs / peak, bytes / bandwidth), with peak = the best of
 a large MKL GEMM and a large oneDNN 1x1 conv in that dtype, bandwidth = a large copy, all measured
 in this run (fwd+bwd: 3x the FLOPs; bytes add dY, dX and dW). `--strategies` also times each of
-the primitive's internal strategies (`models.pointwise._STRATEGIES`) where it applies -- the data
+the primitive's internal strategies (`models.kernels.STRATEGIES`) where it applies -- the data
 its dispatch rules are tuned on; `--prepacked` adds, for float32 forward rows, the same oneDNN conv
 with its weight reordered once beforehand (what `models.fuse`'s OneDNNConv does; a stateless
 functional has to reorder on every call).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models import pointwise as pw_mod
+from models import kernels
 from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, measure_peaks, merge_peaks, setup, write_csv
 
 
@@ -120,7 +120,7 @@ def dispatch_label(x, w, backward: bool, bf16: bool) -> str:
     """The strategy `pointwise_conv2d` picks for this call, asked in the call's own context."""
     x, w = x.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
     with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return pw_mod._choose(x, w, x.shape)
+        return kernels.choose(x, w, x.shape)
 
 
 def strategies_for(channels_last: bool) -> list[str]:
@@ -162,7 +162,7 @@ def run(args) -> list[dict]:
                             if args.strategies and stride == 1:
                                 for name in strategies_for(channels_last):
                                     if name != "conv":  # "conv" is F.conv2d itself
-                                        fns[name] = lambda x, w, f=pw_mod._STRATEGIES[name]: f(x, w, None)
+                                        fns[name] = lambda x, w, f=kernels.STRATEGIES[name]: f(x, w, None)
                             if args.prepacked and dt == "fp32" and not backward and _onednn_conv() is not None:
                                 # what a stateful module can do and a functional cannot: reorder the
                                 # weight into oneDNN's layout once (models.fuse's OneDNNConv)

@@ -7,7 +7,10 @@ be added to any block. Parts are named for what they are: `conv_pw` (pointwise e
 `conv_dw` (depthwise), `se`, `conv_pwl` (linear pointwise projection).
 
 `ConvMode` is the ablation switch (see docs/ablation.md): it decides how every pointwise conv is
-built and whether a depthwise-separable pair stays a pair.
+built and whether a depthwise-separable pair stays a pair. That choice is made once, when the
+network is built: `conv_mode.separable_block(...)` and `conv_mode.inverted_residual(...)` return
+the separable block or its merged counterpart (`DenseConv`, `DenseProjResidual`), separate classes
+as timm's `EdgeResidual` is from its `InvertedResidual`, so no block's forward branches on the mode.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ __all__ = [
     "ConvNormAct",
     "DepthwiseConv",
     "DepthwiseSeparableConv",
+    "DenseConv",
     "InvertedResidual",
+    "DenseProjResidual",
     "SqueezeExcite",
     "BasicBlock",
     "Bottleneck",
@@ -80,6 +85,30 @@ class ConvMode:
             k = self.pointwise_kernel_size
             return nn.Conv2d(in_chs, out_chs, k, stride, padding=k // 2, bias=bias)
         return PointwiseConv(in_chs, out_chs, stride, bias=bias)
+
+    def separable_block(
+        self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, *,
+        pw_act: bool = True, dw_act: bool = True, dw_norm: bool = True, **layers,
+    ) -> nn.Module:  # fmt: skip
+        """A `DepthwiseSeparableConv`, or under ``full`` the `DenseConv` that replaces the pair.
+
+        `layers` (`se_layer`, `norm_layer`, `act_layer`) go to either block. The merged conv keeps
+        the pair's output activation (`pw_act`); `dw_act` and `dw_norm` describe the depthwise
+        half, which it does not have.
+        """
+        if self.merges_separable:
+            if not pw_act:
+                layers["act_layer"] = None
+            return DenseConv(in_chs, out_chs, kernel_size, stride, **layers)
+        return DepthwiseSeparableConv(
+            in_chs, out_chs, kernel_size, stride, dw_act=dw_act, pw_act=pw_act, conv_mode=self, dw_norm=dw_norm, **layers
+        )
+
+    def inverted_residual(self, *args, **kwargs) -> nn.Module:
+        """`InvertedResidual(*args, **kwargs)`, or under ``full`` the `DenseProjResidual` (same
+        arguments) whose dense conv replaces the depthwise + projection pair."""
+        block = DenseProjResidual if self.merges_separable else InvertedResidual
+        return block(*args, conv_mode=self, **kwargs)
 
     def __repr__(self) -> str:
         extra = f", pointwise_kernel_size={self.pointwise_kernel_size}" if self.name == "pointwise_kxk" else ""
@@ -180,13 +209,12 @@ class SqueezeExcite(nn.Module):
 class DepthwiseSeparableConv(nn.Module):
     """Depthwise k x k conv, optional SE, then pointwise conv (MobileNetV1, Xception).
 
-    Under ``conv_mode="full"`` the pair is one dense k x k conv with the same channels and stride.
     `pw_act=False` leaves the pointwise output linear; `dw_norm=False` (with `dw_act=False`) leaves
     nothing between depthwise and pointwise, as in Xception's separable convs -- the depthwise conv
-    then has no bias either, since the norm after the pointwise conv absorbs it.
+    then has no bias either, since the norm after the pointwise conv absorbs it. Under
+    ``conv_mode="full"`` the pair is a `DenseConv` instead: build through
+    `ConvMode.separable_block`.
     """
-
-    __constants__ = ["merged"]  # a constant to TorchScript: only the branch that exists is compiled
 
     def __init__(
         self,
@@ -203,41 +231,57 @@ class DepthwiseSeparableConv(nn.Module):
         dw_norm: bool = True,
     ):
         super().__init__()
-        conv_mode = ConvMode.of(conv_mode)
-        self.merged = conv_mode.merges_separable
-        pw_act_layer = act_layer if pw_act else None
-        if self.merged:
-            self.conv = ConvNormAct(in_chs, out_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=pw_act_layer)
-            self.se = se_layer(out_chs) if se_layer else nn.Identity()
-        else:
-            self.conv_dw = DepthwiseConv(
-                in_chs,
-                kernel_size,
-                stride,
-                norm_layer=norm_layer if dw_norm else None,
-                act_layer=act_layer if dw_act else None,
-                bias=False if not dw_norm else None,
-            )
-            self.se = se_layer(in_chs) if se_layer else nn.Identity()
-            self.conv_pw = ConvNormAct(
-                in_chs, out_chs, 1, norm_layer=norm_layer, act_layer=pw_act_layer, conv_mode=conv_mode
-            )
+        conv_mode = _unmerged(conv_mode, type(self).__name__, "separable_block")
+        self.conv_dw = DepthwiseConv(
+            in_chs,
+            kernel_size,
+            stride,
+            norm_layer=norm_layer if dw_norm else None,
+            act_layer=act_layer if dw_act else None,
+            bias=False if not dw_norm else None,
+        )
+        self.se = se_layer(in_chs) if se_layer else nn.Identity()
+        self.conv_pw = ConvNormAct(
+            in_chs, out_chs, 1, norm_layer=norm_layer, act_layer=act_layer if pw_act else None, conv_mode=conv_mode
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.se(self.conv(x))
         return self.conv_pw(self.se(self.conv_dw(x)))
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2/V3 block: pointwise expand, depthwise k x k, optional SE, linear pointwise project.
+class DenseConv(nn.Module):
+    """Dense k x k conv, norm, act, then optional SE: a depthwise-separable pair merged into the
+    standard convolution it factorises (MobileNets, Howard et al. 2017, Table 4: "Conv MobileNet").
 
-    The expand conv is skipped when `mid_chs == in_chs`; the residual is added when stride is 1 and
-    the channels match. Under ``conv_mode="full"`` the depthwise + projection pair becomes one dense
-    k x k conv (mid -> out); SE, if any, then gates the expanded features before it, keeping its size.
+    Same channels, stride and output activation as the pair it stands in for; the depthwise norm
+    and activation have nothing left to act on, so they go. SE gates the output (`out_chs`).
     """
 
-    __constants__ = ["has_skip", "merged"]  # constants to TorchScript: only the branch that exists is compiled
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        se_layer: Callable[[int], nn.Module] | None = None,
+        norm_layer: LayerFactory | None = nn.BatchNorm2d,
+        act_layer: LayerFactory | None = nn.ReLU,
+    ):
+        super().__init__()
+        self.conv = ConvNormAct(in_chs, out_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=act_layer)
+        self.se = se_layer(out_chs) if se_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(self.conv(x))
+
+
+class _ExpandResidual(nn.Module):
+    """What `InvertedResidual` and `DenseProjResidual` share, so that `ConvMode.inverted_residual`
+    can build either from the same arguments: the pointwise expand (skipped when `mid_chs ==
+    in_chs`, as in MobileNetV2's first block) and the residual (stride 1 and matching channels).
+    A subclass builds the rest in `_build` and reads top to bottom in its own `forward`."""
+
+    __constants__ = ["has_skip"]  # a constant to TorchScript: only the branch that exists is compiled
 
     def __init__(
         self,
@@ -254,26 +298,58 @@ class InvertedResidual(nn.Module):
         super().__init__()
         conv_mode = ConvMode.of(conv_mode)
         self.has_skip = stride == 1 and in_chs == out_chs
-        self.merged = conv_mode.merges_separable
-        if mid_chs != in_chs:
-            self.conv_pw = ConvNormAct(in_chs, mid_chs, 1, norm_layer=norm_layer, act_layer=act_layer, conv_mode=conv_mode)
-        else:
+        if mid_chs == in_chs:
             self.conv_pw = nn.Identity()
-        if self.merged:
-            self.se = se_layer(mid_chs) if se_layer else nn.Identity()
-            self.conv = ConvNormAct(mid_chs, out_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=None)
         else:
-            self.conv_dw = DepthwiseConv(mid_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=act_layer)
-            self.se = se_layer(mid_chs) if se_layer else nn.Identity()
-            self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer, act_layer=None, conv_mode=conv_mode)
+            self.conv_pw = ConvNormAct(in_chs, mid_chs, 1, norm_layer=norm_layer, act_layer=act_layer, conv_mode=conv_mode)
+        self._build(mid_chs, out_chs, kernel_size, stride, se_layer, norm_layer, act_layer, conv_mode)
+
+    def _build(self, mid_chs, out_chs, kernel_size, stride, se_layer, norm_layer, act_layer, conv_mode: ConvMode) -> None:
+        raise NotImplementedError
+
+
+class InvertedResidual(_ExpandResidual):
+    """MobileNetV2/V3 block: pointwise expand, depthwise k x k, optional SE, linear pointwise project,
+    residual (arguments: `_ExpandResidual`).
+
+    Under ``conv_mode="full"`` the block is a `DenseProjResidual` instead: build through
+    `ConvMode.inverted_residual`.
+    """
+
+    def _build(self, mid_chs, out_chs, kernel_size, stride, se_layer, norm_layer, act_layer, conv_mode: ConvMode) -> None:
+        conv_mode = _unmerged(conv_mode, type(self).__name__, "inverted_residual")
+        self.conv_dw = DepthwiseConv(mid_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=act_layer)
+        self.se = se_layer(mid_chs) if se_layer else nn.Identity()
+        self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer, act_layer=None, conv_mode=conv_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_pw(x)
-        if self.merged:
-            y = self.conv(self.se(y))
-        else:
-            y = self.conv_pwl(self.se(self.conv_dw(y)))
+        y = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
         return x + y if self.has_skip else y
+
+
+class DenseProjResidual(_ExpandResidual):
+    """Pointwise expand, optional SE, dense k x k linear projection (mid -> out), residual: an
+    `InvertedResidual` whose depthwise + projection pair is merged into one dense conv (MobileNets,
+    Howard et al. 2017, Table 4, applied to the MobileNetV2 block; arguments: `_ExpandResidual`).
+
+    SE gates the expanded features right before the dense conv, so it keeps its size (`mid_chs`).
+    """
+
+    def _build(self, mid_chs, out_chs, kernel_size, stride, se_layer, norm_layer, act_layer, conv_mode: ConvMode) -> None:
+        self.se = se_layer(mid_chs) if se_layer else nn.Identity()
+        self.conv = ConvNormAct(mid_chs, out_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.se(self.conv_pw(x)))
+        return x + y if self.has_skip else y
+
+
+def _unmerged(conv_mode: ConvMode | str, block: str, factory: str) -> ConvMode:
+    # A separable block asked for "full" would quietly stay separable: the merge is a different class.
+    conv_mode = ConvMode.of(conv_mode)
+    if conv_mode.merges_separable:
+        raise ValueError(f"{block} is the separable block; for conv_mode={conv_mode.name!r} use conv_mode.{factory}(...)")
+    return conv_mode
 
 
 class _PadChannelsShortcut(nn.Module):

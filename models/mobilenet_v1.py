@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
+from .layers import ConvMode, ConvNormAct, make_divisible
 from .registry import register_model
 
 __all__ = ["MobileNetV1"]
@@ -56,7 +56,7 @@ class MobileNetV1(ClassifierMixin, nn.Module):
         blocks = []
         for out, stride in BLOCKS:
             out_chs = ch(out * width)
-            blocks.append(DepthwiseSeparableConv(in_chs, out_chs, 3, stride, act_layer=act_layer, conv_mode=conv_mode))
+            blocks.append(conv_mode.separable_block(in_chs, out_chs, 3, stride, act_layer=act_layer))
             in_chs = out_chs
         self.blocks = nn.Sequential(*blocks)
         self.num_features = in_chs

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import init_weights, ConvMode, ConvNormAct, InvertedResidual, make_divisible
+from .layers import init_weights, ConvMode, ConvNormAct, make_divisible
 from .registry import register_model
 
 __all__ = ["MobileNetV2"]
@@ -61,7 +61,7 @@ class MobileNetV2(ClassifierMixin, nn.Module):
             for i in range(n):
                 mid_chs = int(round(in_chs * t))
                 stride = s if i == 0 else 1
-                blocks.append(InvertedResidual(in_chs, out_chs, mid_chs, 3, stride, act_layer=act, conv_mode=conv_mode))
+                blocks.append(conv_mode.inverted_residual(in_chs, out_chs, mid_chs, 3, stride, act_layer=act))
                 in_chs = out_chs
         self.blocks = nn.Sequential(*blocks)
         # The head is never thinned below 1280 (the paper: width < 1 keeps the last layer).

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import init_weights, ConvMode, ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
+from .layers import init_weights, ConvMode, ConvNormAct, SqueezeExcite, make_divisible
 from .registry import register_model
 
 __all__ = ["MobileNetV3"]
@@ -90,9 +90,9 @@ class MobileNetV3(ClassifierMixin, nn.Module):
             if stem == "cifar" and s == 2 and first_stride2:  # keep 32x32 a while longer
                 s, first_stride2 = 1, False
             blocks.append(
-                InvertedResidual(
+                conv_mode.inverted_residual(
                     in_chs, ch(out * width), ch(exp * width), k, s,
-                    se_layer=se_layer if use_se else None, norm_layer=norm, act_layer=act, conv_mode=conv_mode,
+                    se_layer=se_layer if use_se else None, norm_layer=norm, act_layer=act,
                 )
             )
             in_chs = ch(out * width)

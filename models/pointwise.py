@@ -6,6 +6,8 @@ and weight W of shape (C_out, C_in):
     y[n, o, h, w] = b[o] + sum_i W[o, i] * x[n, i, h, w]
 
 so it is one matrix multiply per image: Y_n = W @ X_n with X_n the (C_in, H*W) view of image n.
+Whether it runs as that matrix multiply, as F.linear or as the backend's conv is decided per call
+by the measured rules in `models.kernels`; `models.kernels.plain()` turns them off.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its Python frame (eager hot path)
-_is_compiling = torch.compiler.is_compiling
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+# Which kernel computes the conv is hardware-specific and lives in `kernels` (with its switch).
+from .kernels import STRATEGIES, choose, plain_conv_wanted
 
 __all__ = ["pointwise_conv2d", "PointwiseConv"]
 
@@ -74,10 +75,10 @@ def pointwise_conv2d(
         # Overhead matters here: at batch 1 a layer takes 3-100 us.
         xs, ws = input.shape, weight.shape
         if len(xs) == 4 and len(ws) == 4 and ws[1] == xs[1] and ws[2] == 1 and ws[3] == 1:
-            strategy = _choose(input, weight, xs)
-            if strategy == "conv":  # the usual pick: one Python frame fewer
+            strategy = choose(input, weight, xs)
+            if strategy == "conv":  # the usual pick (and the only one with kernels off): one Python frame fewer
                 return F.conv2d(input, weight, bias)
-            return _STRATEGIES[strategy](input, weight, bias)
+            return STRATEGIES[strategy](input, weight, bias)
     if input.dim() == 3:  # unbatched, as F.conv2d allows
         return pointwise_conv2d(input[None], weight, bias, stride, padding, dilation, groups)[0]
     weight = _check_shapes(input, weight, groups)
@@ -97,93 +98,7 @@ def pointwise_conv2d(
     if stride != (1, 1) or padding != (0, 0):
         # oneDNN's 1x1 kernel strides and pads natively, without materialising a subsampled copy.
         return F.conv2d(input, weight, bias, stride, padding)
-    return _STRATEGIES[_choose(input, weight, input.shape)](input, weight, bias)
-
-
-# Each strategy computes an unstrided, unpadded, ungrouped 1x1 conv of a 4-D input; `_choose`
-# picks one from the input's layout, compute dtype, shape and whether autograd records the call.
-# `python -m benchmarks.pointwise --strategies` times every strategy on mobilenet_v2's shapes
-# (docs/speed.md has the tables); the rules below are read off those tables.
-
-
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The backend's 1x1 convolution (oneDNN on CPU): reads NCHW or NHWC, returns the same layout."""
-    return F.conv2d(x, weight, bias)
-
-
-def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """NCHW contiguous: each image is a (C_in, H*W) matrix, so the conv is one batched GEMM
-    W (C_out, C_in) @ x (N, C_in, H*W); the result is NCHW contiguous."""
-    n, c, h, w = x.shape
-    y = torch.matmul(weight.reshape(weight.shape[0], c), x.view(n, c, h * w)).view(n, -1, h, w)
-    return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)  # autocast: y may be bf16
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Channels-last contiguous (or a 1x1 map): the memory is an (N*H*W, C_in) matrix, so the conv
-    is one GEMM against W^T; the result has the input's layout."""
-    n, c, h, w = x.shape
-    if h == 1 and w == 1:
-        return F.linear(x.view(n, c), weight.view(weight.shape[0], c), bias).view(n, -1, 1, 1)
-    y = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], c), bias)
-    return y.permute(0, 3, 1, 2)
-
-
-_STRATEGIES = {"conv": _conv, "matmul": _matmul, "linear": _linear}
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _choose(x: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> str:
-    """The strategy for this call. On CPU (measured on a 2-core AVX-512 AMD EPYC, MKL + oneDNN,
-    one thread; docs/speed.md):
-
-    - float32: oneDNN's conv runs AVX-512 kernels while MKL's float32 GEMM takes its AVX2 path on
-      AMD (measured: about half of oneDNN's peak), so conv is the default. The exception is NCHW
-      inference on large maps with a batch (H*W >= 784, N > 1), where oneDNN's NCHW conv is
-      2-6x slower than per-image GEMMs. With autograd recording, conv's backward wins everywhere.
-    - bfloat16 (a bf16 input, or float32 under CPU autocast): oneDNN's bf16 NCHW conv is 2-3x
-      slower than the GEMM, so NCHW goes to the GEMM unless the per-image matrices get tiny with a
-      batch (H*W < 64: batched bf16 GEMM collapses, up to 10x slower) or, with autograd recording,
-      the batch is large (N*H*W > 4096: the broadcast weight's gradient is then a batch of GEMMs
-      summed). Channels-last with few rows (N*H*W <= 4096) goes to F.linear, measured 0.45-0.9x
-      the conv's time there.
-    - a 1x1 map (SE layers, pooled features) with a batch (N >= 8) is a plain linear layer.
-    Other devices use the backend's conv (not measured here: no GPU on the benchmark machine).
-    """
-    if not x.is_cpu:
-        return "conv"
-    n, _, h, w = shape
-    hw = h * w
-    nchw = x.is_contiguous()
-    if hw == 1:
-        return "linear" if n >= 8 and nchw else "conv"
-    dtype = x.dtype
-    low = dtype in _LOW_PRECISION or (
-        dtype == torch.float32 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
-    )
-    if nchw:
-        if not low:
-            return "matmul" if n > 1 and hw >= 784 and not _records_grad(x, weight) else "conv"
-        if _records_grad(x, weight):
-            return "matmul" if n == 1 or n * hw <= 4096 else "conv"
-        return "matmul" if n == 1 or hw >= 64 else "conv"
-    if low and n * hw <= 4096 and x.is_contiguous(memory_format=torch.channels_last):
-        return "linear"
-    return "conv"
-
-
-def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-
-
-def _plain_conv_wanted(x: torch.Tensor) -> bool:
-    """True when a graph is being captured rather than run. `x` is then not a plain tensor under
-    torch.fx symbolic tracing (torchvision's feature extraction included: a Proxy) and torch.export
-    (fake / functional tensors); dynamo (torch.compile, strict export) and torch.jit.trace (legacy
-    ONNX export) say so. There the layer is one plain conv call, so captured graphs hold an
-    ordinary convolution whatever the measured dispatch would pick. (Cheapest checks first: this
-    runs on every eager call.)"""
-    return type(x) is not torch.Tensor or _jit_tracing() or _is_compiling() or _is_exporting()
+    return STRATEGIES[choose(input, weight, input.shape)](input, weight, bias)
 
 
 class PointwiseConv(nn.Conv2d):
@@ -213,7 +128,7 @@ class PointwiseConv(nn.Conv2d):
 
     @torch.jit.unused
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.groups == 1 and self.stride == (1, 1) and not _plain_conv_wanted(input):
+        if self.groups == 1 and self.stride == (1, 1) and not plain_conv_wanted(input):
             return pointwise_conv2d(input, self.weight, self.bias)  # the measured dispatch
         return self._conv_forward(input, self.weight, self.bias)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import init_weights, ConvMode, ConvNormAct, DepthwiseSeparableConv, make_divisible
+from .layers import init_weights, ConvMode, ConvNormAct, make_divisible
 from .registry import register_model
 
 __all__ = ["Xception", "XceptionBlock"]
@@ -67,9 +67,10 @@ class XceptionBlock(nn.Module):
         grow_first: bool = True,
         norm_layer=nn.BatchNorm2d,
         act_layer=nn.ReLU,
-        conv_mode: ConvMode = ConvMode("separable"),
+        conv_mode: ConvMode | str = "separable",
     ):
         super().__init__()
+        conv_mode = ConvMode.of(conv_mode)
         if stride != 1 or in_chs != out_chs:
             self.shortcut = ConvNormAct(in_chs, out_chs, 1, stride, norm_layer=norm_layer, act_layer=None, conv_mode=conv_mode)
         else:
@@ -80,9 +81,7 @@ class XceptionBlock(nn.Module):
             # not in place: the block input is still needed by the shortcut
             units.append(act_layer() if i > 0 or start_with_act else nn.Identity())
             units.append(
-                DepthwiseSeparableConv(
-                    chs[i], chs[i + 1], 3, norm_layer=norm_layer, act_layer=None, dw_norm=False, conv_mode=conv_mode
-                )
+                conv_mode.separable_block(chs[i], chs[i + 1], 3, norm_layer=norm_layer, act_layer=None, dw_norm=False)
             )
         self.convs = nn.Sequential(*units)
         self.pool = nn.MaxPool2d(3, stride, 1) if stride > 1 else nn.Identity()
@@ -98,13 +97,14 @@ class Xception(ClassifierMixin, nn.Module):
         num_classes: int = 10,
         stem: str = "cifar",
         width: float = 1.0,
-        conv_mode: ConvMode = ConvMode("separable"),
+        conv_mode: ConvMode | str = "separable",
         drop_rate: float = 0.0,
         norm_layer=nn.BatchNorm2d,
         act_layer=nn.ReLU,
         in_chans: int = 3,
     ):
         super().__init__()
+        conv_mode = ConvMode.of(conv_mode)
         ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
         cifar = stem == "cifar"
         stem1, stem2 = ch(cfg["stem"][0]), ch(cfg["stem"][1])
@@ -131,9 +131,8 @@ class Xception(ClassifierMixin, nn.Module):
         head = []  # the exit flow ends with two separable convs, each followed by BN and ReLU
         for out_chs in cfg["head"]:
             head.append(
-                DepthwiseSeparableConv(
-                    in_chs, ch(out_chs), 3, norm_layer=norm_layer, act_layer=act_layer,
-                    dw_norm=False, dw_act=False, conv_mode=conv_mode,
+                conv_mode.separable_block(
+                    in_chs, ch(out_chs), 3, norm_layer=norm_layer, act_layer=act_layer, dw_norm=False, dw_act=False
                 )
             )
             in_chs = ch(out_chs)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import PointwiseConv, create_model, list_models
-from models.layers import DepthwiseSeparableConv, InvertedResidual
+from models import ConvMode, PointwiseConv, create_model, list_models
+from models.layers import DenseConv, DenseProjResidual, DepthwiseSeparableConv, InvertedResidual
 
 # At least one model of every family; CIFAR stem, width 0.5 keeps it cheap.
 FAMILIES = [m for m in ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "xception_small", "resnet20",
@@ -80,3 +80,28 @@ def test_mobilenet_v1_block_by_hand():
     assert n_params(kxk) == c_in * 9 + bn * c_in + c_in * c_out * 9 + bn * c_out
     x = torch.randn(1, c_in, 16, 16)
     assert sep(x).shape == full(x).shape == kxk(x).shape == (1, c_out, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ConvMode.MODES)
+def test_conv_mode_picks_the_block_class_at_build_time(mode):
+    cm = ConvMode(mode)
+    merged = mode == "full"
+    block = cm.separable_block(8, 16, 3, 2, pw_act=False)
+    assert type(block) is (DenseConv if merged else DepthwiseSeparableConv)
+    ir = cm.inverted_residual(8, 8, 16, 3, 1)
+    assert type(ir) is (DenseProjResidual if merged else InvertedResidual) and ir.has_skip
+    x = torch.randn(2, 8, 8, 8)
+    assert block(x).shape == (2, 16, 4, 4) and ir(x).shape == x.shape
+    # every model's blocks come from the factory: no separable block survives "full", none is merged otherwise
+    for name in ("mobilenet_v1", "mobilenet_v3_small", "xception_small"):
+        kinds = {type(m) for m in build(name, mode).modules()}
+        assert bool(kinds & {DenseConv, DenseProjResidual}) == merged
+        assert bool(kinds & {DepthwiseSeparableConv, InvertedResidual}) != merged
+
+
+def test_separable_blocks_refuse_full():
+    # built directly with "full" they would silently stay separable; the factory is the way
+    with pytest.raises(ValueError, match="separable_block"):
+        DepthwiseSeparableConv(8, 16, conv_mode="full")
+    with pytest.raises(ValueError, match="inverted_residual"):
+        InvertedResidual(8, 8, 16, conv_mode="full")

@@ -416,7 +416,7 @@ def test_torchscript_and_export(name):
 
 
 def test_torchscript_of_merged_separable_blocks():
-    # conv_mode="full": DepthwiseSeparableConv and InvertedResidual take their other branch
+    # conv_mode="full" builds the merged block classes (DenseConv, DenseProjResidual) instead
     for name in ("mobilenet_v1", "mobilenet_v3_small"):
         model = small(name, conv_mode="full")
         with torch.no_grad(), warnings.catch_warnings():

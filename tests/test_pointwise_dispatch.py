@@ -1,18 +1,30 @@
-"""The pointwise primitive's CPU dispatch: every strategy equals F.conv2d (values and gradients),
-each is picked where the measured rules say, and autocast is honoured.
+"""The pointwise primitive's CPU dispatch (models.kernels): every strategy equals F.conv2d (values
+and gradients), each is picked where the measured rules say, autocast is honoured, and the switch
+that turns the rules off gives exactly the plain F.conv2d path.
 
 (tests/test_pointwise.py checks the public function on random small cases; this file makes sure
 each internal strategy is exercised, including those only large shapes or autocast select.)
 """
+
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import PointwiseConv, pointwise_conv2d
-from models import pointwise as pw
+from models import kernels
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    # The rules are what is tested here, whatever POINTWISE_ZOO_PLAIN_KERNELS says; a failing test
+    # must not leave them off for the next one.
+    previous = kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(previous)
 
 
 def _input(shape, dtype, channels_last):
@@ -20,7 +32,7 @@ def _input(shape, dtype, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@pytest.mark.parametrize("strategy", sorted(pw._STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(kernels.STRATEGIES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (3, 16, 1, 1), (1, 4, 6, 6)])
@@ -32,7 +44,7 @@ def test_every_strategy_matches_conv2d(strategy, dtype, channels_last, shape):
     w = torch.randn(6, shape[1], 1, 1, dtype=dtype, requires_grad=True)
     b = torch.randn(6, dtype=dtype, requires_grad=True)
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    out = pw._STRATEGIES[strategy](x, w, b)
+    out = kernels.STRATEGIES[strategy](x, w, b)
     ref = F.conv2d(x2, w2, b2)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     if shape[2] * shape[3] > 1:
@@ -50,7 +62,7 @@ def choose(shape, dtype=torch.float32, channels_last=False, grad=False, autocast
     x = _input(shape, dtype, channels_last).requires_grad_(grad)
     w = torch.randn(8, shape[1], 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
-        return pw._choose(x, w, x.shape)
+        return kernels.choose(x, w, x.shape)
 
 
 def test_dispatch_rules():
@@ -101,3 +113,67 @@ def test_fast_path_and_checked_path_agree():
     torch.testing.assert_close(pointwise_conv2d(x, w, b, stride=(1, 1), padding=(0, 0)), ref)  # checked path
     with pytest.raises(ValueError, match="8 channels"):
         pointwise_conv2d(x, torch.randn(4, 7, 1, 1))
+
+
+# Calls the rules send to matmul or linear: with the switch off each must be F.conv2d's own result.
+OFF_PLAIN = [
+    dict(shape=(2, 16, 28, 28)),  # fp32 NCHW inference, large maps -> matmul
+    dict(shape=(16, 24, 1, 1)),  # a 1x1 map with a batch -> linear
+    dict(shape=(1, 16, 8, 8), dtype=torch.bfloat16),  # bf16 NCHW -> matmul
+    dict(shape=(1, 16, 8, 8), dtype=torch.bfloat16, channels_last=True),  # bf16 NHWC -> linear
+    dict(shape=(2, 16, 8, 8), autocast=True, grad=True),  # fp32 under bf16 autocast, training -> matmul
+    dict(shape=(2, 16, 8, 8), autocast=True, grad=True, channels_last=True),  # -> linear
+]
+
+
+@pytest.mark.parametrize("case", OFF_PLAIN, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_switch_off_is_the_plain_conv2d_path(case):
+    shape, dtype = case["shape"], case.get("dtype", torch.float32)
+    grad, autocast = case.get("grad", False), case.get("autocast", False)
+    assert choose(**case) != "conv", "the case must be one the rules send elsewhere"
+    torch.manual_seed(0)
+    x = _input(shape, dtype, case.get("channels_last", False))
+    m = PointwiseConv(shape[1], 12, bias=True).to(dtype)
+    ref_m = torch.nn.Conv2d(shape[1], 12, 1).to(dtype)
+    ref_m.load_state_dict(m.state_dict())
+    inputs = [x.detach().clone().requires_grad_(grad) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+        ref = F.conv2d(inputs[0], ref_m.weight, ref_m.bias)
+        with kernels.plain():
+            assert not kernels.enabled() and choose(**case) == "conv"
+            outs = [pointwise_conv2d(inputs[1], m.weight, m.bias), m(inputs[2])]
+    assert kernels.enabled()
+    for out in outs:
+        assert out.dtype == ref.dtype and out.stride() == ref.stride()
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if grad:
+        g = torch.randn_like(ref)
+        torch.autograd.backward([ref, *outs], [g, g, g])
+        for x_ in inputs[1:]:
+            torch.testing.assert_close(x_.grad, inputs[0].grad, rtol=0, atol=0)
+        # both calls above used m's parameters: their gradient is twice the reference's
+        torch.testing.assert_close(m.weight.grad, 2 * ref_m.weight.grad, rtol=0, atol=0)
+        torch.testing.assert_close(m.bias.grad, 2 * ref_m.bias.grad, rtol=0, atol=0)
+
+
+def test_switch_restores():
+    assert kernels.set_enabled(False) is True and not kernels.enabled()
+    assert kernels.set_enabled(True) is False and kernels.enabled()
+    with pytest.raises(RuntimeError), kernels.plain():
+        with kernels.plain():  # nested: the inner block restores "off", not "on"
+            pass
+        assert not kernels.enabled()
+        raise RuntimeError
+    assert kernels.enabled()
+    assert choose((2, 16, 28, 28)) == "matmul"
+
+
+def test_switch_from_the_environment(monkeypatch):
+    # Re-running the module's code in place is what a fresh import does (the autouse fixture then
+    # turns the rules back on); cheaper than a new interpreter.
+    monkeypatch.setenv("POINTWISE_ZOO_PLAIN_KERNELS", "1")
+    importlib.reload(kernels)
+    assert not kernels.enabled() and choose((2, 16, 28, 28)) == "conv"
+    monkeypatch.delenv("POINTWISE_ZOO_PLAIN_KERNELS")
+    importlib.reload(kernels)
+    assert kernels.enabled() and choose((2, 16, 28, 28)) == "matmul"
