@@ -55,4 +55,25 @@ def test_train_slim_split_unpack_and_evaluate(tmp_path):
 def test_unknown_entry_is_named(tmp_path):
     done = subprocess.run([str(REPO / "tools" / "gpu_train.sh"), "train", "resnet21"], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, OUT=str(tmp_path)), timeout=60)
-    assert done.returncode == 2 and "unknown entry 'resnet21'" in done.stderr and "mobilenet_v2" in done.stderr
+    assert done.returncode == 2 and "unknown job 'resnet21'" in done.stderr and "mobilenet_v2" in done.stderr
+
+
+@pytest.mark.slow
+def test_cpu_queue_resumes_an_ablation_run_and_measures_it_once(tmp_path):
+    # the CPU queue as the session runs it, on tiny data: an ablation job trains into
+    # <RUNS>/ablation/<job>, lands as one row of the results file, and a second pass skips it
+    import csv
+
+    runs, results = tmp_path / "runs", tmp_path / "results.csv"
+    job = "ablation.se_resnet20.w1_0.pointwise_kxk.s0"
+    env = dict(os.environ, RUNS=str(runs), RESULTS=str(results), PYTHON=sys.executable, THREADS="1", OMP_NUM_THREADS="1",
+               DATA_ROOT=str(make_imagefolder(tmp_path / "tree")),
+               EXTRA=f"{TINY.replace(' cpu_threads=1', '')} trainer.max_epochs=1 data.cache_dir={tmp_path / 'cache'}")
+    queue = [str(REPO / "tools" / "train_pretrained.sh"), job]
+    first = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["conv_mode"], r["seed"], r["epochs"]) for r in rows] == [("se_resnet20", "pointwise_kxk", "0", "1")]
+    again = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"== {job}: trained" in again.stdout and "measure" not in again.stdout + again.stderr

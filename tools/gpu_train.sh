@@ -12,14 +12,16 @@
 #             folder a call, back to back (a machine stays warm 30 s after a call, and keeps what
 #             earlier calls carried): device run "true" carrying [".gpu/b1"], then [".gpu/b2"], ...
 #             [".gpu/b5", ".whl"]; then the training call, carrying nothing:
-#             tools/gpu_train.sh train resnet20 resnet56:100 ...   (entry[:epochs], default: the recipe's)
+#             tools/gpu_train.sh train resnet20 resnet56:100 ...   (entry[:epochs], default: the recipe's;
+#             ablation.* runs of tools/recipes.sh too)
 #             It installs the wheels, trains every entry at once (one process each: a CIFAR model
 #             leaves most of a GPU idle), keeps each run's final weights' EMA with its config,
 #             summary and metrics (no optimizer state, so it fits), and packs them into
 #             $OUT/gpu_runs.tar.part00, part01, ... of at most 15 MB.
 #   here:   tools/gpu_train.sh unpack <folder holding the parts> [--hardware "NVIDIA H100 80GB"]
 #             restores runs/gpu/<entry>/ and exports each run as a shipped entry
-#             (python -m tools.export_weights: validation accuracy measured again here, card written).
+#             (python -m tools.export_weights: validation accuracy measured again here, card written);
+#             an ablation.* run becomes a row of docs/ablation/results.csv instead.
 #
 # EXTRA (train) adds overrides to every run, e.g. EXTRA="trainer.limit_train_batches=2" for a smoke run;
 # RUNS (default runs) is where run folders go, GPU_DIR (default .gpu) where the data parts are; NO_EXPORT=1 (unpack) restores the runs without exporting.
@@ -66,10 +68,11 @@ train)
     entry=${spec%%:*}
     args=$(recipe_for "$entry") || exit 2
     [ "$spec" != "$entry" ] && args="$args trainer.max_epochs=${spec#*:}"
+    [[ " $args " == *" seed="* ]] || args="$args seed=0"
     run=$RUNS/gpu/$entry
     mkdir -p "$run"
     # shellcheck disable=SC2086
-    $PY train.py $args data.root="$DATA_ROOT" seed=0 cpu_threads=2 trainer.enable_progress_bar=false hydra.run.dir="$run" ${EXTRA:-} \
+    $PY train.py $args data.root="$DATA_ROOT" cpu_threads=2 trainer.enable_progress_bar=false hydra.run.dir="$run" ${EXTRA:-} \
       > "$run/stdout.log" 2>&1 &
     pids+=($!)
     echo "== $entry: training ($args) pid $!"
@@ -90,7 +93,10 @@ unpack)
   for run in "$RUNS"/gpu/*/; do
     entry=$(basename "$run")
     [ -f "$run/summary.json" ] || { echo "== $entry: did not finish (no summary.json)"; continue; }
-    $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" --hardware "$hardware" || echo "== $entry: export failed"
+    case "$entry" in
+    ablation.*) $PY -m tools.ablation measure "$run" --append docs/ablation/results.csv --no-latency || echo "== $entry: measure failed" ;;
+    *) $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" --hardware "$hardware" || echo "== $entry: export failed" ;;
+    esac
   done
   ;;
 *)

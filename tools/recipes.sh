@@ -1,6 +1,8 @@
-# The shipped entries and the train.py overrides that train them: the project's default recipe
-# (docs/recipe.md), only the epochs differ. Sourced by tools/train_pretrained.sh (CPU queue) and
-# tools/gpu_train.sh (a lent GPU), so both train the same thing.
+# The training queue's jobs and the train.py overrides that train them, sourced by
+# tools/train_pretrained.sh (CPU queue) and tools/gpu_train.sh (a lent GPU), so both train the same thing.
+# RECIPES: the shipped entries, the project's default recipe (docs/recipe.md); only the epochs differ.
+# ABLATION: the conv_mode ablation's runs (docs/ablation.md), named ablation.<model>.<width>.<mode>.s<seed>;
+# the same recipe at the ablation's width and 30 epochs, measured into docs/ablation/results.csv.
 # shellcheck disable=SC2034
 RECIPES=(
   "resnet20|model=resnet20 trainer.max_epochs=80"
@@ -15,12 +17,31 @@ RECIPES=(
   "mobilenet_v3_large|model=mobilenet_v3_large trainer.max_epochs=60"
 )
 
-# recipe_for <entry>: prints that entry's overrides; fails for an unknown entry.
+ABLATION=()
+_ablation() {  # _ablation <model> <width> <epochs> <seeds> <modes...>
+  local model=$1 width=$2 epochs=$3 seeds=$4 seed mode; shift 4
+  for seed in $seeds; do
+    for mode in "$@"; do
+      ABLATION+=("ablation.$model.w${width/./_}.$mode.s$seed|model=$model model.width=$width model.conv_mode=$mode trainer.max_epochs=$epochs seed=$seed")
+    done
+  done
+}
+# MobileNetV1 at width 0.5 (full is 8x the mult-adds), three seeds; the equal-cost row: separable
+# widened to full's mult-adds (python -m tools.ablation match-width mobilenet_v1 --mode full --width 0.5).
+_ablation mobilenet_v1 0.5 30 "0 1 2" separable full pointwise_kxk
+_ablation mobilenet_v1 1.4756 30 0 separable
+# ResNets have no depthwise-separable pairs, so `full` builds the separable network again: two modes.
+_ablation se_resnet20 1.0 30 0 separable pointwise_kxk
+_ablation resnet38_bottleneck 1.0 30 0 separable pointwise_kxk
+_ablation mobilenet_v2 0.5 30 0 separable full pointwise_kxk
+
+# recipe_for <job>: prints that job's overrides; fails for an unknown one.
 recipe_for() {
   local r
-  for r in "${RECIPES[@]}"; do
+  for r in "${RECIPES[@]}" "${ABLATION[@]}"; do
     if [ "${r%%|*}" = "$1" ]; then echo "${r#*|}"; return 0; fi
   done
-  echo "unknown entry '$1'; entries: $(for r in "${RECIPES[@]}"; do printf '%s ' "${r%%|*}"; done)" >&2
+  echo "unknown job '$1'; entries: $(for r in "${RECIPES[@]}"; do printf '%s ' "${r%%|*}"; done)" \
+    "ablation runs: $(for r in "${ABLATION[@]}"; do printf '%s ' "${r%%|*}"; done)" >&2
   return 1
 }

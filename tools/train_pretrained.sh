@@ -4,38 +4,52 @@
 # default recipe (SGD + Nesterov, warm-up + cosine, label smoothing 0.1, weight EMA, fast
 # uint8 data path), with the epochs tools/recipes.sh gives each entry.
 #
-#   DATA_ROOT=../shared/data/cifar10 tools/train_pretrained.sh [entry ...]
+#   DATA_ROOT=../shared/data/cifar10 tools/train_pretrained.sh [job ...]   # entries or ablation.* runs
 #
 # THREADS (default 2) sets torch's CPU threads per run. Run one queue at a time: two heavy
 # processes on 2 cores stall each other's OpenMP threads; give the queue THREADS=1 while other
-# work needs a core. Logs: run it under nohup with output to a file (docs/recipe.md).
+# work needs a core. Logs: run it under nohup with output to a file (docs/recipe.md). EXTRA adds
+# overrides to every run (e.g. a smoke run: EXTRA="trainer.limit_train_batches=2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10}
 PY=${PYTHON:-python}
 THREADS=${THREADS:-2}
+RUNS=${RUNS:-runs}                                            # where run folders go
+RESULTS=${RESULTS:-docs/ablation/results.csv}                 # the ablation's results file
 
 # shellcheck source=tools/recipes.sh
 . tools/recipes.sh  # RECIPES: entry | train.py overrides (shared with tools/gpu_train.sh)
 
-wanted=("$@")
-for recipe in "${RECIPES[@]}"; do
-  entry=${recipe%%|*}
-  args=${recipe#*|}
-  if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " ${entry} " ]]; then continue; fi
-  run=runs/pretrained/$entry
+# Jobs run in the order named (default: every shipped entry); ablation.* jobs (tools/recipes.sh) go
+# to runs/ablation/<job> and into docs/ablation/results.csv instead of being exported.
+jobs=("$@")
+if [ ${#jobs[@]} -eq 0 ]; then for r in "${RECIPES[@]}"; do jobs+=("${r%%|*}"); done; fi
+for job in "${jobs[@]}"; do recipe_for "$job" >/dev/null || exit 2; done
+for job in "${jobs[@]}"; do
+  args=$(recipe_for "$job")
+  case "$job" in ablation.*) run=$RUNS/ablation/$job ;; *) run=$RUNS/pretrained/$job ;; esac
+  [[ " $args " == *" seed="* ]] || args="$args seed=0"
   resume=()
   if [ -f "$run/summary.json" ]; then
-    echo "== $entry: trained ($run/summary.json)"
+    echo "== $job: trained ($run/summary.json)"
   else
     [ -f "$run/checkpoints/last.ckpt" ] && resume=("ckpt_path=$run/checkpoints/last.ckpt")
-    echo "== $entry: training ${resume[*]:-from scratch} ($(date +%H:%M:%S))"
+    echo "== $job: training ${resume[*]:-from scratch} ($(date +%H:%M:%S))"
     # shellcheck disable=SC2086
-    $PY train.py $args data.root="$DATA_ROOT" seed=0 cpu_threads="$THREADS" trainer.enable_progress_bar=false \
-      hydra.run.dir="$run" "${resume[@]}" || { echo "== $entry: training failed"; continue; }
+    $PY train.py $args data.root="$DATA_ROOT" cpu_threads="$THREADS" trainer.enable_progress_bar=false \
+      hydra.run.dir="$run" ${EXTRA:-} "${resume[@]}" || { echo "== $job: training failed"; continue; }
   fi
-  # export when the run is newer than the shipped card (a finished run replaces the old entry)
-  if [ -f "$run/summary.json" ] && [ "$run/summary.json" -nt "models/weights/$entry.json" ]; then
-    $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" || echo "== $entry: export failed"
-  fi
+  [ -f "$run/summary.json" ] || continue
+  case "$job" in
+  ablation.*)  # a row of the results file; latency is timed later, on an idle machine
+    if [ "$run/summary.json" -nt "$run/.measured" ]; then
+      $PY -m tools.ablation measure "$run" --append "$RESULTS" --no-latency && touch "$run/.measured" \
+        || echo "== $job: measure failed"
+    fi ;;
+  *)  # export when the run is newer than the shipped card (a finished run replaces the old entry)
+    if [ "$run/summary.json" -nt "models/weights/$job.json" ]; then
+      $PY -m tools.export_weights "$run" --entry "$job" --data-root "$DATA_ROOT" || echo "== $job: export failed"
+    fi ;;
+  esac
 done
