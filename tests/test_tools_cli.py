@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 
-MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.ablation", "tools.model_table",
+MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.teacher_logits", "tools.ablation", "tools.model_table",
            "benchmarks.train_speed", "benchmarks.data_loading"]
 
 

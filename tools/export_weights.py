@@ -149,6 +149,9 @@ def main() -> None:
         },
         "notes": args.notes,
     }  # fmt: skip
+    teacher = ((config.get("distill") or {}).get("teacher") or {}).get("name")
+    if teacher:  # distilled from cached teacher logits (train.py distill.logits=...)
+        card["teacher"] = teacher
 
     # fp16 halves the file; keep it only if accuracy moves by less than 0.1 points.
     results = {}
@@ -198,7 +201,7 @@ def model_card(card: dict) -> str:
 | epochs | {r['epochs']} |
 | wall time | {r['wall_seconds'] / 60:.1f} min on {r['hardware']} |
 | training throughput | {r['train_images_per_second']:.0f} img/s |
-| weights | `models/weights/{card['file']}`, {card['dtype']}, {card['file_size'] / 1e6:.2f} MB |
+{f"| teacher | distilled from {card['teacher']} |{chr(10)}" if card.get('teacher') else ""}| weights | `models/weights/{card['file']}`, {card['dtype']}, {card['file_size'] / 1e6:.2f} MB |
 | sha256 | `{card['sha256']}` |
 | normalisation | mean {card['mean']}, std {card['std']} |
 | eval transform | {card['eval_transform']} |

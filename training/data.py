@@ -10,7 +10,9 @@ Loaders (``data.loader``):
     by a fingerprint of its source files, then kept on the training device and augmented a
     whole batch at a time (random crop from a padded image + horizontal flip), as airbench does.
     The epoch's order and augmentations are drawn from (seed, epoch), so a resumed run sees the
-    same batches as one that ran through.
+    same batches as one that ran through. With cached teacher logits (``distill.logits``, made by
+    ``python -m tools.teacher_logits``) crop offsets are drawn on the file's grid and each batch
+    carries the teacher's logits for its images' views.
   - ``torchvision``: the classic per-image path (PIL decode + transforms in DataLoader workers),
     kept as the baseline the fast path is measured against.
 """
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,33 @@ def batch_flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
+# -- the view grid of cached teacher logits -----------------------------------------------------
+# A view is (dx, dy, flip) with crop offsets on multiples of `step`: (2 * pad / step + 1)^2 offsets
+# times 2 flips. Caching every view once lets the teacher cost nothing per epoch; the tool that
+# writes the cache (tools/teacher_logits.py) and the loader that reads it both number views here.
+
+
+def grid_side(pad: int, step: int) -> int:
+    """Offsets per axis. `pad` must be a multiple of `step` so the un-shifted view (offset `pad`)
+    is on the grid: it is the view the teacher's own accuracy is measured on."""
+    if step < 1 or pad % step:
+        raise DataError(f"teacher-logit grid step {step} (tools.teacher_logits --step) must be >= 1 and divide "
+                        f"data.augment.crop_padding={pad}")
+    return 2 * pad // step + 1
+
+
+def grid_views(pad: int, step: int) -> list[tuple[int, int, bool]]:
+    """Every (dx, dy, flip) of the grid, in view-id order (see `view_ids`)."""
+    grid_side(pad, step)
+    offsets = range(0, 2 * pad + 1, step)
+    return [(dx, dy, flip) for dy in offsets for dx in offsets for flip in (False, True)]
+
+
+def view_ids(dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int, step: int) -> torch.Tensor:
+    side = grid_side(pad, step)
+    return ((dy // step) * side + dx // step) * 2 + flip.long()
+
+
 class EpochOrder:
     """This rank's share of one epoch: the sample order and each sample's augmentation.
 
@@ -328,8 +357,9 @@ class EpochOrder:
     image gets the same draw whatever the number of processes.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: int = 0):
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: int = 0, step: int = 1):
         self.n, self.shuffle, self.seed, self.rank, self.world_size, self.pad = n, shuffle, seed, rank, world_size, pad
+        self.step = step  # crop offsets on multiples of step (teacher-logit grid); 1 = every offset
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -346,8 +376,10 @@ class EpochOrder:
         gen = epoch_generator(self.seed, self.epoch)
         if self.shuffle:
             order = torch.randperm(self.n, generator=gen)
-            dx = torch.randint(0, 2 * self.pad + 1, (self.n,), generator=gen)
-            dy = torch.randint(0, 2 * self.pad + 1, (self.n,), generator=gen)
+            # step=1 draws exactly what runs before the grid drew, so their checkpoints resume exactly
+            side = 2 * self.pad // self.step + 1
+            dx = torch.randint(0, side, (self.n,), generator=gen) * self.step
+            dy = torch.randint(0, side, (self.n,), generator=gen) * self.step
             flip = torch.rand(self.n, generator=gen) < 0.5
             take = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
             return order[take], dx[take], dy[take], flip[take]
@@ -359,7 +391,11 @@ class EpochOrder:
 
 class DeviceBatchLoader:
     """Batches of normalized float images from a uint8 tensor, augmented a batch at a time on
-    whatever device the tensor lives on (the training device: no host->device copy per step)."""
+    whatever device the tensor lives on (the training device: no host->device copy per step).
+
+    `teacher`: cached teacher logits (N, views, classes) on the same device, for training; crops
+    are then drawn on its grid (`grid_step`) and batches are (x, y, teacher logits of each view).
+    """
 
     def __init__(
         self,
@@ -374,16 +410,23 @@ class DeviceBatchLoader:
         flip: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        teacher: torch.Tensor | None = None,
+        grid_step: int = 1,
     ):
         self.images, self.labels = images, labels.to(images.device)
         self.batch_size, self.train, self.flip = batch_size, train, flip
         self.crop_padding = crop_padding if train else 0
+        self.teacher = teacher if train else None
+        self.grid_step = grid_step if self.teacher is not None else 1
+        if self.teacher is not None:
+            grid_side(self.crop_padding, self.grid_step)
         std_t = torch.tensor(std, dtype=torch.float32, device=images.device)
         # x_norm = (x/255 - mean)/std = x * scale + shift, done in one fused multiply-add
         self.scale = (1.0 / (255.0 * std_t))[None, :, None, None]
         self.shift = (-torch.tensor(mean, dtype=torch.float32, device=images.device) / std_t)[None, :, None, None]
         # `sampler`/`batch_sampler` as on a DataLoader: Lightning calls sampler.set_epoch each epoch
-        self.sampler = EpochOrder(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=self.crop_padding)
+        self.sampler = EpochOrder(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world_size,
+                                  pad=self.crop_padding, step=self.grid_step)
         self.batch_sampler = None
 
     def __len__(self) -> int:
@@ -391,8 +434,9 @@ class DeviceBatchLoader:
         # never end on a 1-image training batch: BatchNorm cannot normalize it
         return n // bs if self.train and n % bs == 1 else math.ceil(n / bs)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order, dx, dy, flip = self.sampler.draw()
+        flip = flip & self.flip  # a run without flips uses the un-flipped views only
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = order[sl].to(self.images.device)
@@ -404,7 +448,78 @@ class DeviceBatchLoader:
                     x = batch_crop(x, dx[sl], dy[sl], self.crop_padding)
                 if self.flip:
                     x = batch_flip(x, flip[sl])
-            yield torch.addcmul(self.shift, x.float(), self.scale), y
+            x = torch.addcmul(self.shift, x.float(), self.scale)
+            if self.teacher is not None:
+                views = view_ids(dx[sl], dy[sl], flip[sl], self.crop_padding, self.grid_step).to(idx.device)
+                yield x, y, self.teacher[idx, views].float()
+            else:
+                yield x, y
+
+
+# --------------------------------------------------------------------------------------------
+# Cached teacher logits (distill.logits)
+# --------------------------------------------------------------------------------------------
+
+TEACHER_FORMAT = 1
+# what the logits depend on besides the teacher: a file made for another value is another data set,
+# split or grid, so its logits would belong to other images or other crops
+TEACHER_CHECKED = ("data", "fingerprint", "val_size", "split_seed", "crop_padding", "num_classes", "classes")
+
+
+def teacher_data_meta(data_cfg: Any, source: SplitSource, step: int) -> dict:
+    """The data half of a teacher-logits file's metadata: written by tools/teacher_logits.py,
+    compared with the run's own by `check_teacher_meta`."""
+    aug = _cfg(data_cfg, "augment", {}) or {}
+    num_classes = int(_cfg(data_cfg, "num_classes"))
+    return {
+        "format": TEACHER_FORMAT,
+        "data": str(_cfg(data_cfg, "name", "cifar10")),
+        "fingerprint": fingerprint(source),
+        "val_size": int(_cfg(data_cfg, "val_size", 5000)),
+        "split_seed": int(_cfg(data_cfg, "split_seed", 0)),
+        "crop_padding": int(aug.get("crop_padding", 4)),
+        "grid_step": int(step),
+        "num_classes": num_classes,
+        "classes": [str(c) for c in (_cfg(data_cfg, "classes") or range(num_classes))],
+    }
+
+
+def remake_teacher_command(meta: dict, data_cfg: Any) -> str:
+    teacher = (meta.get("teacher") or {}).get("arg", "<entry or run .ckpt>")
+    aug = _cfg(data_cfg, "augment", {}) or {}
+    extras = [f"data={_cfg(data_cfg, 'name', 'cifar10')}", f"data.val_size={_cfg(data_cfg, 'val_size', 5000)}",
+              f"data.split_seed={_cfg(data_cfg, 'split_seed', 0)}", f"data.augment.crop_padding={aug.get('crop_padding', 4)}"]
+    return (f"python -m tools.teacher_logits --teacher {teacher} --data-root {_cfg(data_cfg, 'root')} "
+            f"--step {meta.get('grid_step', 2)} {' '.join(extras)}")
+
+
+def check_teacher_meta(meta: dict, expected: dict, path: str, data_cfg: Any) -> None:
+    """DataError naming every metadata value that differs from this run's, and the command that
+    makes a file for this run."""
+    if meta.get("format") != TEACHER_FORMAT:
+        diffs = [f"format {meta.get('format')!r} (this version reads {TEACHER_FORMAT})"]
+    else:
+        diffs = [f"{k}: file {meta.get(k)!r}, run {expected[k]!r}" for k in TEACHER_CHECKED if meta.get(k) != expected[k]]
+    if diffs:
+        raise DataError(
+            f"distill.logits={path} was not made for this run's data:\n  " + "\n  ".join(diffs)
+            + f"\nRe-run the tool for this run's data and settings: {remake_teacher_command(meta, data_cfg)}"
+        )
+
+
+def read_teacher_logits(path: str, data_cfg: Any) -> dict:
+    """{"logits": fp16 (N_train, views, classes), "meta": {...}} from `path`, unchecked."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"distill.logits={path} does not exist; make it with "
+                          f"{remake_teacher_command({}, data_cfg)} (docs/recipe.md, distillation)")
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+        blob["logits"], blob["meta"]  # noqa: B018  (both present, or the file is not ours)
+    except Exception as err:
+        raise DataError(f"distill.logits={path} is not a readable teacher-logits file ({err}); "
+                        f"re-make it with {remake_teacher_command({}, data_cfg)}") from err
+    return blob
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,9 +572,11 @@ class CifarDataModule(L.LightningDataModule):
     (the test split when the source has one, else validation).
     """
 
-    def __init__(self, data_cfg: dict, seed: int = 0, test_split: str = "auto"):
+    def __init__(self, data_cfg: dict, seed: int = 0, test_split: str = "auto", distill: dict | None = None):
         super().__init__()
         self.cfg = dict(data_cfg)
+        self.distill_path = (distill or {}).get("logits")
+        self.teacher: dict | None = None  # the read and checked distill.logits file
         self.seed = int(seed)
         if test_split not in ("auto", "test", "val"):
             raise DataError(f"test_split={test_split!r}: choose auto, test or val")
@@ -486,6 +603,23 @@ class CifarDataModule(L.LightningDataModule):
         self.test_source = find_source(self.cfg, "test")
         log.info("%s from %s (%s layout): test split %s", name, root, self.train_source.layout,
                  "found" if self.test_source else "absent -- validation is reported")
+
+    def check_teacher(self) -> dict | None:
+        """Read distill.logits and check it was made for this run's data, split and crop padding;
+        its metadata, or None when distillation is off. Cheap next to training: the pipeline calls it
+        before the first step."""
+        if not self.distill_path:
+            return None
+        if self.loader != "fast":
+            raise ConfigError(f"distill.logits is set but data.loader={self.loader}: distillation from cached teacher "
+                              "logits needs data.loader=fast (it knows each sample's crop and flip)")
+        if self.teacher is None:
+            self.locate()
+            blob = read_teacher_logits(self.distill_path, self.cfg)
+            expected = teacher_data_meta(self.cfg, self.train_source, int(blob["meta"].get("grid_step", 1)))
+            check_teacher_meta(blob["meta"], expected, self.distill_path, self.cfg)
+            self.teacher = blob
+        return self.teacher["meta"]
 
     @property
     def has_test(self) -> bool:
@@ -535,6 +669,15 @@ class CifarDataModule(L.LightningDataModule):
         if self.loader == "fast":
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+        if self.check_teacher():
+            meta, logits = self.teacher["meta"], self.teacher["logits"]
+            views = len(grid_views(meta["crop_padding"], meta["grid_step"]))
+            if tuple(logits.shape) != (len(train_idx), views, self.num_classes):
+                raise DataError(f"distill.logits={self.distill_path} holds logits of shape {tuple(logits.shape)}, but this run "
+                                f"needs ({len(train_idx)} training images, {views} views, {self.num_classes} classes); "
+                                f"re-make it with {remake_teacher_command(meta, self.cfg)}")
+            # on the training device, like the images: a batch gathers its rows there
+            self.teacher["logits"] = logits.to(self.splits["train"][0].device)
 
     def _read(self, source: SplitSource) -> tuple[Any, torch.Tensor]:
         if self.loader == "fast":
@@ -560,8 +703,11 @@ class CifarDataModule(L.LightningDataModule):
         bs = int(self.cfg.get("batch_size" if train else "eval_batch_size") or self.cfg.get("batch_size", 256))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if self.loader == "fast":
+            teacher = self.teacher if train and split == "train" else None
             return DeviceBatchLoader(items, labels, bs, self.mean, self.std, train, seed=self.seed,
-                                     crop_padding=pad, flip=flip, rank=rank, world_size=world)
+                                     crop_padding=pad, flip=flip, rank=rank, world_size=world,
+                                     teacher=teacher["logits"] if teacher else None,
+                                     grid_step=teacher["meta"]["grid_step"] if teacher else 1)
         size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
         dataset = PerImageDataset(items, labels, per_image_transform(self.mean, self.std, train, pad, flip, size))
         workers = int(self.cfg.get("num_workers", 2))

@@ -108,6 +108,14 @@ def call_with(factory: Callable, *args: Any, **available: Any) -> Any:
     return factory(*args, **{k: v for k, v in available.items() if (takes_any or k in params) and k not in bound})
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch (Hinton et al. 2015).
+    The T^2 keeps the term's gradients the size of the cross-entropy's as T grows."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
 def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes, top_k=min(top_k, num_classes), average="micro", ignore_index=IGNORE)
 
@@ -130,6 +138,9 @@ class ClassifierModule(L.LightningModule):
         self.class_names = list(data.get("classes") or range(self.num_classes))
         self.model = build_model(config["model"], self.num_classes, pretrained=bool(config.get("pretrained", False)))
         self.label_smoothing = float(optim.get("label_smoothing", 0.0))
+        distill = config.get("distill") or {}  # absent from checkpoints written before distillation
+        self.distill_alpha = float(distill.get("alpha", 0.5))
+        self.distill_temperature = float(distill.get("temperature", 4.0))
         self.channels_last = bool(config.get("channels_last", False))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -155,10 +166,14 @@ class ClassifierModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, *teacher = batch  # the fast loader adds the teacher's logits when distill.logits is set
         logits = self(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing, ignore_index=IGNORE)
+        if teacher:
+            kd = distillation_loss(logits, teacher[0], self.distill_temperature)
+            loss = (1.0 - self.distill_alpha) * loss + self.distill_alpha * kd
+            self.log("train/kd_loss_step", kd.detach(), on_step=True, on_epoch=False)
         self._check_finite(loss)
         self.train_loss.update(loss.detach(), weight=len(y))
         self.train_acc.update(logits.detach(), y)

@@ -172,8 +172,11 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     set_cpu_threads(config)
 
     # Everything a user can get wrong is checked before the first step: data, model, checkpoint.
-    datamodule = CifarDataModule(config["data"], seed=int(config["seed"]))
+    datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"))
     datamodule.locate()
+    teacher = datamodule.check_teacher()
+    if teacher:  # saved with the config in every checkpoint, so an export card can name the teacher
+        config["distill"]["teacher"] = teacher["teacher"]
     module = ClassifierModule(config)
     cost = profile_model(module.model)
     ckpt_path = config.get("ckpt_path")
@@ -227,6 +230,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         "macs": cost["macs"],
         "final_val_acc": float(final_val) if final_val is not None else None,
         "ema_decay": ema.decay if ema is not None else None,
+        "teacher": teacher["teacher"]["name"] if teacher else None,
         "precision": str(trainer.precision),  # what trainer.precision=auto resolved to
         "best_val_acc": float(best_score) if best_score is not None else None,
         "best_epoch": best_at,
