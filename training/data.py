@@ -597,7 +597,9 @@ class CifarDataModule(L.LightningDataModule):
         if self.train_source is not None:
             return
         name, root = self.cfg.get("name"), Path(str(self.cfg.get("root")))
-        if self.cfg.get("download") and find_source_or_none(self.cfg, "train") is None:
+        # A root with a train/ folder is the user's ImageFolder tree, even a broken one: say what is
+        # wrong with it rather than download CIFAR next to it.
+        if self.cfg.get("download") and not (root.expanduser() / "train").is_dir() and find_source_or_none(self.cfg, "train") is None:
             download(self.cfg)
         self.train_source = find_source(self.cfg, "train")
         self.test_source = find_source(self.cfg, "test")
