@@ -119,6 +119,42 @@ def torchvision_mobilenet_v2_cifar(num_classes: int = 10, width: float = 1.0) ->
     return m
 
 
+def torchvision_cifar(name: str, num_classes: int = 10) -> nn.Module:
+    """torchvision's `name` (a MobileNet) in our cifar-stem layout: stem conv and the first stride-2
+    block's depthwise conv at stride 1, as the zoo's cifar stem does (mobilenet_v2 above, by position)."""
+    import torchvision
+
+    m = getattr(torchvision.models, name)(num_classes=num_classes)
+    m.features[0][0].stride = (1, 1)
+    first = next(c for c in m.features[1:].modules()
+                 if isinstance(c, nn.Conv2d) and c.groups == c.in_channels > 1 and c.stride == (2, 2))
+    first.stride = (1, 1)
+    return m
+
+
+class PlainKernels(nn.Module):
+    """The same zoo network with its kernel dispatch off (`models.kernels.plain()`): every layer the
+    plain PyTorch op. The twin where torchvision has none (mobilenet_v1, Xception)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with models.kernels.plain():
+            return self.model(x)
+
+
+# zoo model -> its twin's builder: torchvision's where there is one, else the plain-layer zoo model
+TWINS = {
+    "mobilenet_v2": ("torchvision mobilenet_v2", lambda: torchvision_mobilenet_v2_cifar()),
+    "mobilenet_v3_small": ("torchvision mobilenet_v3_small", lambda: torchvision_cifar("mobilenet_v3_small")),
+    "mobilenet_v3_large": ("torchvision mobilenet_v3_large", lambda: torchvision_cifar("mobilenet_v3_large")),
+    "mobilenet_v1": ("zoo, plain kernels", lambda: PlainKernels(models.create_model("mobilenet_v1"))),
+    "xception_small": ("zoo, plain kernels", lambda: PlainKernels(models.create_model("xception_small"))),
+}
+
+
 def zoo_mobilenet_v2(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     return models.create_model("mobilenet_v2", num_classes=num_classes, stem="cifar", width=width)
 
@@ -126,6 +162,7 @@ def zoo_mobilenet_v2(num_classes: int = 10, width: float = 1.0) -> nn.Module:
 def feature_map_size(model: nn.Module, size: int = 32) -> tuple[int, int]:
     """Spatial size of the map the classifier pools (torchvision: `features`; zoo: `forward_features`)."""
     x = torch.zeros(1, 3, size, size)
+    model = model.model if isinstance(model, PlainKernels) else model
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -260,6 +297,39 @@ def head_to_head_table(result: dict) -> str:
         for r in result["rows"]
     ]
     return md_table(["model", "settings", "train img/s (median)", "range over rounds", "vs torchvision plain"], rows, right=[False, False, True, True, True])
+
+
+# -- part 1b: every MobileNet/Xception against its twin, equal settings ----------------------------
+
+
+def twins(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int = 1, log=None) -> list[dict]:
+    """Each zoo model and its twin (TWINS), both with train.py's default settings, all rows in the
+    same interleaved rounds; the ratio is zoo img/s over twin img/s (the issue's target: >= 1.3x,
+    mobilenet_v2 >= 1.5x)."""
+    fns, labels = {}, {}
+    for name in names:
+        label, build = TWINS[name]
+        torch.manual_seed(0)
+        zoo = models.create_model(name, num_classes=10, stem="cifar")
+        torch.manual_seed(0)
+        twin = build()
+        check_twin(twin, zoo)
+        fns[f"{name}/zoo"], fns[f"{name}/twin"] = TrainStep(zoo, DEFAULT, batch), TrainStep(twin, DEFAULT, batch)
+        labels[name] = label
+    timings = bench(fns, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
+    return [
+        {"table": "twins", "model": name, "twin": labels[name], "batch": batch,
+         "img_s": img_s(timings[f"{name}/zoo"], batch), "twin_img_s": img_s(timings[f"{name}/twin"], batch),
+         "speedup_vs_twin": paired_ratio(timings[f"{name}/twin"], timings[f"{name}/zoo"]),
+         "rounds": len(timings[f"{name}/zoo"].samples), "finite": fns[f"{name}/zoo"].finite() and fns[f"{name}/twin"].finite()}
+        for name in names
+    ]
+
+
+def twins_table(rows: list[dict]) -> str:
+    return md_table(["model", "twin", "zoo img/s", "twin img/s", "zoo / twin"],
+                    [[f"`{r['model']}`", r["twin"], f"{r['img_s']:,.0f}", f"{r['twin_img_s']:,.0f}", f"{r['speedup_vs_twin']:.2f}x"]
+                     for r in rows], right=[False, False, True, True, True])
 
 
 # -- part 2: every model ----------------------------------------------------------------------
@@ -413,6 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="part 3: bf16/fp32 x channels-last/NCHW for these models (default resnet20 mobilenet_v2), at --all-batch")
     p.add_argument("--roofline", nargs="*", default=None, metavar="MODEL",
                    help="part 4: step FLOPs and bytes against this machine's peaks (default: every model), at --all-batch")
+    p.add_argument("--twins", nargs="*", default=None, metavar="MODEL",
+                   help=f"each zoo model against its twin, equal default settings, at --all-batch (default: {' '.join(TWINS)})")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -445,6 +517,13 @@ def main(argv=None) -> int:
             print("WARNING: some weights became non-finite during the run\n")
         csv_rows += [dict(r, **{"tv_map": "x".join(map(str, c["tv_map"]))}) for r in res["rows"]]
         csv_rows += [{"table": "ratios", "row": k, "speedup_vs_tv_plain": v} for k, v in res["ratios"].items()]
+    if args.twins is not None:
+        rows = twins(args.twins or list(TWINS), args.all_batch, args.all_rounds, args.warmup, args.steps, log=log)
+        print(f"## Zoo against twin, cifar layout, equal settings ({DEFAULT.describe()}), batch {args.all_batch}, "
+              f"{args.all_rounds} rounds x {args.steps} step(s); twin = torchvision's model adapted as our cifar stem, "
+              f"or the zoo model with its kernel dispatch off where torchvision has none\n")
+        print(twins_table(rows) + "\n")
+        csv_rows += rows
     if args.all:
         rows = all_models(args.all_batch, args.all_rounds, args.warmup, args.steps, names=args.models, log=log)
         print(

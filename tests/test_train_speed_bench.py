@@ -98,3 +98,16 @@ def test_steps_are_timed_by_the_shared_interleaved_helper():
     assert calls == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
     assert [len(x.samples) for x in t.values()] == [3, 3] and t["a"].inner == 2
     assert len(logged) == 3 and logged[0].startswith("  round 1: a ")
+
+
+def test_every_twin_is_the_zoo_architecture_and_times():
+    # torchvision's MobileNets adapted as our cifar stem must be our networks (params and final
+    # map); where there is no twin, the zoo model with its kernel dispatch off is one
+    for name, (label, build) in ts.TWINS.items():
+        info = ts.check_twin(build(), ts.models.create_model(name))
+        assert info["tv_map"] == info["zoo_map"], name
+    rows = ts.twins(["mobilenet_v3_small", "mobilenet_v1"], batch=2, rounds=1, warmup=0)
+    assert [(r["model"], r["twin"]) for r in rows] == [("mobilenet_v3_small", "torchvision mobilenet_v3_small"),
+                                                       ("mobilenet_v1", "zoo, plain kernels")]
+    assert all(r["img_s"] > 0 and r["twin_img_s"] > 0 and r["speedup_vs_twin"] > 0 and r["finite"] for r in rows)
+    assert "| `mobilenet_v1` | zoo, plain kernels |" in ts.twins_table(rows)
