@@ -1,6 +1,7 @@
 """int8 against float32 on the CPU, for every shipped entry: latency, size and validation accuracy.
 
     python -m benchmarks.int8 --data-root ../shared/data/cifar10 [--entries resnet20 ...] [--threads 2] [--out outputs/bench_int8]
+        [--method minmax|percentile|entropy] [--float-layers none|first|last|ends] [--accuracy-only]
 
 Per entry (its shipped weights): float32 eager, `models.fuse` float32 and `models.quantize` int8
 (calibrated on the first --calib training images, never the validation split), timed interleaved
@@ -50,21 +51,25 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
     model = models.create_model(entry, pretrained=True).eval()
     fused = models.fuse(model)
     calib = calib if calib is not None else torch.randn(args.calib, 3, 32, 32)
-    q = models.quantize(model, calib, threads=args.threads)
+    # only the options given, so models.quantize's defaults are what a bare run measures
+    options = {"threads": args.threads, **{k: v for k, v in (("method", args.method), ("float_layers", args.float_layers)) if v}}
+    if args.float_layers == "none":  # every layer in int8
+        options["float_layers"] = None
+    q32 = models.quantize(model, calib, **options)
     row = {"entry": entry, "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
-           "int8_bytes": q.size_bytes}
-    for batch, size in SHAPES:
+           "int8_bytes": q32.size_bytes}
+    for batch, size in [] if args.accuracy_only else SHAPES:
         x = torch.randn(batch, 3, size, size)
+        q = q32
         if size != 32:  # the ONNX graph has a fixed image size: a second one for 224, calibrated on upsampled images
-            q = models.quantize(model, F.interpolate(calib[:16], size=size, mode="bilinear").split(4), threads=args.threads)
+            q = models.quantize(model, F.interpolate(calib[:16], size=size, mode="bilinear").split(4), **options)
         with torch.inference_mode():
             t = bench({"eager": lambda: model(x), "fuse": lambda: fused(x), "int8": lambda: q(x)}, repeats=args.repeats, budget_s=args.budget)
         tag = f"b{batch}_{size}"
         row.update({f"{tag}_eager_s": t["eager"].median, f"{tag}_fuse_s": t["fuse"].median, f"{tag}_int8_s": t["int8"].median,
                     f"{tag}_int8_vs_fuse": paired_ratio(t["fuse"], t["int8"])})
-    if val is not None:
-        q = models.quantize(model, calib, threads=args.threads)
-        row["val_acc_float32"], row["val_acc_int8"] = accuracy(model, *val), accuracy(q, *val)
+    if val is not None:  # float32 accuracy from the fused model: the eager one's outputs to 1e-4, in a third of the time
+        row["val_acc_float32"], row["val_acc_int8"] = accuracy(fused, *val), accuracy(q32, *val)
     return row
 
 
@@ -75,7 +80,7 @@ def table(rows: list[dict]) -> str:
                if "val_acc_int8" in r else "-")
         out.append([f"`{r['entry']}`"] + [
             f"{fmt_time(r[f'b{b}_{s}_eager_s'])} / {fmt_time(r[f'b{b}_{s}_fuse_s'])} / {fmt_time(r[f'b{b}_{s}_int8_s'])} "
-            f"(**{r[f'b{b}_{s}_int8_vs_fuse']:.2f}x**)" for b, s in SHAPES
+            f"(**{r[f'b{b}_{s}_int8_vs_fuse']:.2f}x**)" if f"b{b}_{s}_int8_s" in r else "-" for b, s in SHAPES
         ] + [f"{r['float32_bytes'] / 1e6:.2f} / {r['int8_bytes'] / 1e6:.2f} MB ({r['int8_bytes'] / r['float32_bytes']:.2f})", acc])
     shapes = [f"b{b} {s}x{s}: eager / fuse / int8 (int8 vs fuse)" for b, s in SHAPES]
     return md_table(["entry", *shapes, "size float32 / int8", "val top-1 float32 / int8 (%)"], out)
@@ -86,6 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None, help="CIFAR-10 data.root: calibrate on training images, measure validation accuracy")
     parser.add_argument("--entries", nargs="+", default=None, help="shipped entries (default: all)")
     parser.add_argument("--calib", type=int, default=1024, help="training images used to calibrate")
+    parser.add_argument("--method", default=None, choices=models.int8.METHODS, help="calibration method (default: models.quantize's)")
+    parser.add_argument("--float-layers", default=None, choices=[f or "none" for f in models.int8.FLOAT_LAYERS],
+                        help="layers kept in float32, none: every layer int8 (default: models.quantize's)")
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the timings: sizes and accuracies (to compare quantize's options)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape and entry")
     args = parser.parse_args(argv)
     setup(args)
@@ -93,9 +102,12 @@ def main(argv=None) -> int:
     print(f"`python -m benchmarks.int8 {shown}`\n\nMachine: {machine_info()}\n")
     calib = cifar_split(args.data_root, "train", args.calib)[0] if args.data_root else None
     val = cifar_split(args.data_root, "val") if args.data_root else None
-    rows = [run_entry(e, args, calib, val) for e in (args.entries or models.list_pretrained())]
+    rows = []
+    for entry in args.entries or models.list_pretrained():
+        rows.append(run_entry(entry, args, calib, val))
+        write_csv(args.out / "int8.csv", rows)  # after each entry: a run cut short keeps what it measured
+        print(f"{entry} done", file=sys.stderr, flush=True)
     print(table(rows))
-    write_csv(args.out / "int8.csv", rows)
     return 0
 
 

@@ -3,7 +3,8 @@
 Route: the model (batch norms folded by `models.fuse`) is exported to ONNX, calibrated on images
 the caller gives (training images, never the validation split) and quantized by onnxruntime's
 static quantizer: int8 weights per output channel, uint8 activations, QDQ format, which
-onnxruntime's CPU kernels run as integer convolutions and matmuls. Chosen by measurement on the
+onnxruntime's CPU kernels run as integer convolutions and matmuls; the stem conv stays float32
+unless asked otherwise (`quantize`'s `float_layers` says why). Chosen by measurement on the
 project's 2-core Xeon sandbox (docs/int8.md): PyTorch's own PT2E flow goes through
 `torch.compile`, whose minutes of compilation per model never paid off on this CPU, and eager
 `torch.ao.quantization` is deprecated.
@@ -14,6 +15,8 @@ as for the float model) and returns float logits, so evaluation code needs no ch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -79,51 +82,90 @@ def _calibration_batches(calibration, max_images: int) -> list[np.ndarray]:
     return batches
 
 
-def _chunk(n_batches: int, at_least: int = 4) -> int:
-    """Batches per min/max update. onnxruntime (1.32) raises "No data is collected" when the number
-    of batches is a multiple of it (its last update finds nothing), so pick one that is not."""
-    k = at_least
-    while n_batches % k == 0:
-        k += 1
-    return k
+METHODS = ("minmax", "percentile", "entropy")
+FLOAT_LAYERS = (None, "first", "last", "ends")
+DEFAULT_METHOD = "minmax"  # chosen by measurement on the shipped entries (docs/int8.md)
+
+
+class _Batches:
+    """onnxruntime calibration reader over numpy batches. `set_range` lets the quantizer feed them a
+    few at a time (its CalibStridedMinMax option): every calibrator then folds each chunk's
+    activations into its ranges or histograms and drops them, instead of holding every intermediate
+    tensor of every image (1,024 CIFAR images through mobilenet_v2 would hold ~8 GB)."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches, self.items = batches, iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.items = iter(self.batches[start_index:end_index])
+
+    def get_next(self):
+        x = next(self.items, None)
+        return None if x is None else {"input": x}
+
+
+def _float_nodes(onnx_path: Path, float_layers: str | None) -> list[str]:
+    """Names of the ONNX nodes `float_layers` keeps in float32: "first" (the first Conv), "last" (the
+    last Conv/Gemm/MatMul, the classifier), "ends" (both), None (none)."""
+    if float_layers is None:
+        return []
+    import onnx
+
+    nodes = [n for n in onnx.load(str(onnx_path)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    chosen = ([nodes[0]] if float_layers in ("first", "ends") else []) + ([nodes[-1]] if float_layers in ("last", "ends") else [])
+    return [n.name for n in chosen]
 
 
 def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: str | None = None,
-             max_images: int = 1024, threads: int | None = None) -> Int8Model:
+             max_images: int = 1024, threads: int | None = None, method: str | None = None,
+             percentile: float = 99.999, float_layers: str | None = "first") -> Int8Model:
     """Post-training static int8 quantization of `model` for CPU inference.
 
     calibration: training images as the model sees them (float, normalised, N x C x H x W), a
         tensor or an iterable of batches (a DataLoader of (images, labels) works); at most
-        `max_images` are used to set the activation ranges (min/max per tensor).
+        `max_images` are used to set the activation ranges.
     backend: None or "onnxruntime" (the only one today; see the module docstring for why).
+    method: how each activation's range is set from the calibration images -- "minmax" (their
+        extremes), "percentile" (clip at the `percentile`-th percentile of |x|), "entropy" (the clip
+        that keeps the int8 histogram closest to the float one in KL divergence). docs/int8.md has
+        the accuracy of each per shipped entry; None: DEFAULT_METHOD.
+    float_layers: keep "first" (the stem conv, the default), "last" (the classifier), "ends" (both)
+        or None (nothing) in float32; the rest runs in int8. Why the stem: on CPUs without VNNI,
+        onnxruntime multiplies uint8 activations by int8 weights with an instruction that adds
+        pairs of products in int16 and saturates. All-int8 resnet20 lost 1.1 points of accuracy
+        and mobilenet_v1 0.9 that way; a float stem alone won them back (docs/int8.md), for one
+        small layer's speed: the stem's input, the normalised image, spans the whole uint8 range.
     """
     backend = backend or "onnxruntime"
     if backend not in BACKENDS:
         raise ValueError(f"unknown int8 backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}")
+    if float_layers not in FLOAT_LAYERS:
+        raise ValueError(f"float_layers={float_layers!r}: choose None, 'first', 'last' or 'ends'")
     quantization = _require("onnxruntime.quantization")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     batches = _calibration_batches(calibration, max_images)
     fused = fuse(model.eval())
-
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(batches)
-
-        def get_next(self):
-            x = next(self.items, None)
-            return None if x is None else {"input": x}
+    calibrate_method = {"minmax": quantization.CalibrationMethod.MinMax,
+                        "percentile": quantization.CalibrationMethod.Percentile,
+                        "entropy": quantization.CalibrationMethod.Entropy}[method]
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         export_onnx(fused, torch.from_numpy(batches[0][:2]), fp32)
         quant_pre_process(str(fp32), str(pre))  # shape inference + graph cleanup the quantizer expects
-        quantization.quantize_static(
-            str(pre), str(int8), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            calibrate_method=quantization.CalibrationMethod.MinMax,
-            # fold each few batches' activations into the running min/max instead of keeping all of
-            # them (1,024 CIFAR images through mobilenet_v2 would otherwise hold ~8 GB)
-            extra_options={"CalibMaxIntermediateOutputs": _chunk(len(batches))},
-        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print per batch
+            quantization.quantize_static(
+                str(pre), str(int8), _Batches(batches), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                calibrate_method=calibrate_method, nodes_to_exclude=_float_nodes(pre, float_layers),
+                # one batch at a time through the calibrator (see _Batches); it needs a stride dividing the count
+                extra_options={"CalibStridedMinMax": 1, "CalibPercentile": percentile},
+            )  # fmt: skip
         return Int8Model(int8.read_bytes(), threads)

@@ -136,3 +136,52 @@ def test_pretrained_weights_are_evaluated_when_the_zoo_has_them(tmp_path, monkey
     report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
                       "data.val_size=20")
     assert calls == [("resnet20", True, 0.25)] and report["split"] == "test" and report["source"] == "pretrained resnet20"
+
+
+def test_eval_int8_quantizes_after_loading_and_calibrates_on_training_images_only(trained_run, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    from training.data import CifarDataModule
+
+    seen = []
+    real = models.quantize
+
+    def spy(model, calibration, **kwargs):
+        batches = [x for x, _ in calibration]
+        seen.append(torch.cat(batches))
+        return real(model, batches, **kwargs)
+
+    monkeypatch.setattr(models, "quantize", spy)
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"
+    float_report = run_eval(tmp_path, ckpt)
+    report = run_eval(tmp_path, ckpt, "eval.int8=true", "eval.int8_calibration_images=24")
+    assert report["int8"] and not float_report["int8"] and report["int8_calibration_images"] == 24
+    assert report["int8_method"] == models.int8.DEFAULT_METHOD and report["split"] == "test" and report["num_images"] == 40
+    # the tiny model's int8 predictions mostly agree with its float ones (40 images: a loose bound)
+    assert abs(report["top1"] - float_report["top1"]) <= 0.15
+    assert "on (onnxruntime" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["int8"] is True
+
+    # The calibration images are the first 24 of the run's training split, unaugmented, normalised.
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), ckpt]
+    dm = CifarDataModule(eval_config(compose_config("eval", overrides), overrides)[0]["data"])
+    dm.setup()
+    mean, std = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
+    (calibration,) = seen
+    assert torch.equal(((calibration * std + mean) * 255).round().to(torch.uint8), dm.splits["train"][0][:24])
+
+
+def test_eval_int8_of_pretrained_weights(tmp_path, monkeypatch, cifar_root):
+    pytest.importorskip("onnxruntime")
+    real = models.create_model
+    monkeypatch.setattr(models, "create_model", lambda name, pretrained=False, **kwargs: real(name, **kwargs))
+    report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
+                      "data.val_size=20", "eval.int8=true", "eval.int8_calibration_images=16", "eval.int8_method=percentile")
+    assert report["int8"] and report["int8_method"] == "percentile" and report["source"] == "pretrained resnet20"
+
+
+def test_eval_int8_without_onnxruntime_names_the_fix(trained_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"eval.int8=true needs onnxruntime.*pip install -e '\.\[int8\]'"):
+        run_eval(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "eval.int8=true")

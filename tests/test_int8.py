@@ -31,10 +31,31 @@ def test_int8_logits_stay_close_to_float(name):
     assert q(x[:1]).shape == (1, 10)  # dynamic batch
 
 
+def float_inputs(q: Int8Model) -> list[str]:
+    """The conv/linear ops whose weight is a plain float initializer, not a DequantizeLinear output."""
+    import onnx
+
+    graph = onnx.load_from_string(q.onnx_bytes).graph
+    consts = {t.name for t in graph.initializer}
+    return [n.op_type for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in consts]
+
+
+@pytest.mark.parametrize("method, float_layers, kept", [("percentile", None, []), ("entropy", "ends", ["Conv", "Gemm"])])
+def test_calibration_methods_and_float_layers(method, float_layers, kept):
+    model = random_model("resnet20")
+    q = quantize(model, torch.randn(64, 3, 32, 32), method=method, float_layers=float_layers)
+    assert float_inputs(q) == kept
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    assert ((q(x) - ref).norm() / ref.norm()).item() < 0.2
+
+
 def test_calibration_accepts_batches_and_the_file_round_trips(tmp_path):
     model = random_model("resnet20")
     loader = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
     q = quantize(model, loader, max_images=16)
+    assert float_inputs(q) == ["Conv"]  # the default: the stem stays float32 (see quantize)
     again = Int8Model.load(q.save(tmp_path / "r20.int8.onnx"))
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(q(x), again(x))
@@ -50,6 +71,10 @@ def test_bad_input_is_named():
     model = random_model("resnet20")
     with pytest.raises(ValueError, match="unknown int8 backend 'tensorrt'; valid backends: onnxruntime"):
         quantize(model, torch.randn(2, 3, 32, 32), backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'; valid methods: minmax, percentile, entropy"):
+        quantize(model, torch.randn(2, 3, 32, 32), method="kl")
+    with pytest.raises(ValueError, match="float_layers='stem'"):
+        quantize(model, torch.randn(2, 3, 32, 32), float_layers="stem")
     with pytest.raises(ValueError, match="calibration holds no images"):
         quantize(model, [])
     with pytest.raises(ValueError, match="N x C x H x W"):

@@ -2,7 +2,8 @@
 validation), with top-1/top-5/per-class accuracy, loss, a metrics.json and a confusion-matrix PNG.
 
 `eval_config` decides what is evaluated (model and data from the checkpoint's own config unless the
-command line picks them); `evaluate_model` does the evaluation, with TTA and the split as arguments.
+command line picks them); `evaluate_model` does the evaluation, with TTA, the split and int8
+(`models.quantize`, calibrated on training images) as arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
 from .config import cli_overrides, to_plain
-from .data import CifarDataModule
+from .data import CifarDataModule, DeviceBatchLoader, PerImageDataset, per_image_transform
 from .errors import ConfigError
 from .module import ClassifierModule
 from .pipeline import make_trainer, print_rank_zero, set_cpu_threads
@@ -83,16 +84,29 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     config, ckpt = eval_config(cfg, overrides)
     options = config["eval"]
     return evaluate_model(config, ckpt, tta=bool(options.get("tta", False)), split=options.get("split", "auto"),
-                          ema=bool(options.get("ema", True)))
+                          ema=bool(options.get("ema", True)), int8=bool(options.get("int8", False)),
+                          int8_calibration_images=int(options.get("int8_calibration_images", 1024)),
+                          int8_method=options.get("int8_method"))
 
 
-def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split: str = "auto", ema: bool = True) -> dict[str, Any]:
+def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split: str = "auto", ema: bool = True,
+                   int8: bool = False, int8_calibration_images: int = 1024, int8_method: str | None = None) -> dict[str, Any]:
     """Evaluate the model of `config` with the weights of `ckpt` (its weight EMA unless `ema` is
     false; None: whatever `config` builds, e.g. `pretrained=true`) on `split`: "test", "val", or
     "auto" (test when the data has one, else validation). `tta` averages each image's prediction with
-    its mirror's. Writes metrics.json and confusion_matrix.png to `config["run_dir"]`; returns the report."""
+    its mirror's. `int8` evaluates `models.quantize` of those weights (onnxruntime on the CPU),
+    calibrated with `int8_method` (None: `models.quantize`'s default) on the first
+    `int8_calibration_images` images of the training split. Writes metrics.json and
+    confusion_matrix.png to `config["run_dir"]`; returns the report."""
     if split not in SPLITS:
         raise ConfigError(f"eval.split={split!r}: choose auto, test or val")
+    if int8:
+        check_int8_available()
+        from models.int8 import DEFAULT_METHOD
+
+        int8_method = int8_method or DEFAULT_METHOD
+        if int8_calibration_images < 1:
+            raise ConfigError(f"eval.int8_calibration_images={int8_calibration_images}: give at least 1 training image")
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config["seed"], verbose=False)
@@ -109,14 +123,20 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
                          expected_desc=describe_model(config["model"]),
                          found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
         module.model.load_state_dict(state)
+    if int8:
+        module.model = quantize_for_eval(module.model, datamodule, int8_calibration_images, int8_method)
 
     trainer_cfg = dict(config["trainer"], devices=1, num_nodes=1, strategy="auto")
+    if int8:  # onnxruntime runs the int8 graph on the CPU; float32 in and out, so no autocast either
+        trainer_cfg.update(accelerator="cpu", precision="32-true")
     trainer = make_trainer({"trainer": trainer_cfg}, run_dir, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     report = dict(module.test_report)
     report.update({
         "split": datamodule.eval_split,
         "tta": tta,
+        "int8": int8,
+        **({"int8_method": int8_method, "int8_calibration_images": int8_calibration_images} if int8 else {}),
         "model": config["model"],
         "data": config["data"]["name"],
         "data_root": str(config["data"]["root"]),
@@ -125,9 +145,41 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_confusion(report["confusion"], report["classes"], run_dir / "confusion_matrix.png",
-                       title=f"{config['model']['name']} on {config['data']['name']} {report['split']} (top-1 {100 * report['top1']:.2f}%)")
+                       title=f"{config['model']['name']}{' int8' if int8 else ''} on {config['data']['name']} {report['split']} (top-1 {100 * report['top1']:.2f}%)")
         print_rank_zero(format_eval_report(report, run_dir))
     return report
+
+
+def check_int8_available() -> None:
+    """eval.int8=true needs onnxruntime (the `int8` extra): say so before any data is read."""
+    import importlib
+
+    try:
+        importlib.import_module("onnxruntime.quantization")
+    except ImportError as err:
+        raise ConfigError(f"eval.int8=true needs onnxruntime, which is not installed ({err}): pip install -e '.[int8]'") from err
+
+
+def quantize_for_eval(model: torch.nn.Module, datamodule: CifarDataModule, images: int, method: str) -> torch.nn.Module:
+    """`models.quantize(model)` calibrated on the first `images` images of the training split,
+    unaugmented and normalised as the evaluated images are. Never the validation or test split: the
+    activation ranges would then have seen the images they are scored on."""
+    import models
+
+    datamodule.setup()
+    items, labels = datamodule.splits["train"]
+    items, labels = items[:images], labels[:images]
+    if isinstance(items, torch.Tensor) and datamodule.loader == "fast":
+        batches = DeviceBatchLoader(items.cpu(), labels.cpu(), 32, datamodule.mean, datamodule.std, train=False)
+        # 32 a batch: the calibrator holds every intermediate tensor of a batch at once
+    else:  # the torchvision loader: files (ImageFolder) or a uint8 array, one image at a time
+        size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
+        transform = per_image_transform(datamodule.mean, datamodule.std, False, 0, False, size)
+        batches = torch.utils.data.DataLoader(PerImageDataset(items, labels, transform), batch_size=32)
+    try:
+        return models.quantize(model.float().eval(), batches, method=method, max_images=images)
+    except ValueError as err:  # an unknown method, no training images
+        raise ConfigError(f"eval.int8: {err}") from err
 
 
 def format_eval_report(report: dict, run_dir: Path) -> str:
@@ -137,6 +189,8 @@ def format_eval_report(report: dict, run_dir: Path) -> str:
         ("split", split),
         ("images", str(report["num_images"])),
         ("flip TTA", "on" if report["tta"] else "off"),
+        ("int8", (f"on (onnxruntime; {report['int8_method']} ranges from the first "
+                  f"{report['int8_calibration_images']} training images)") if report.get("int8") else "off"),
         ("top-1", f"{100 * report['top1']:.2f}%"),
         ("top-5", f"{100 * report['top5']:.2f}%"),
         ("loss", f"{report['loss']:.4f}"),
