@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.common import md_table
 from training.data import CifarDataModule, find_source, load_cached
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "cifar10.yaml"
@@ -97,12 +98,12 @@ def main() -> None:
         ("fast (uint8 cache, batch augmentation)", results["fast_epoch_s"]),
     ]
     print(f"\n{n} training images, batch {args.batch_size}, {results['machine']}, torch threads {args.threads}\n")
-    print("| way | data time, epoch 1 (s) | data time, later epochs (s) | img/s (later) |")
-    print("|---|---|---|---|")
+    cells = []
     for name, times in rows:
         later = times[1:] or times
         mean = sum(later) / len(later)
-        print(f"| {name} | {times[0]:.2f} | {mean:.2f} | {n / mean:,.0f} |")
+        cells.append([name, f"{times[0]:.2f}", f"{mean:.2f}", f"{n / mean:,.0f}"])
+    print(md_table(["way", "data time, epoch 1 (s)", "data time, later epochs (s)", "img/s (later)"], cells))
     print(f"\nfast path one-time costs: decode {results['source_images']} images into the cache {results['fast_decode_and_cache_s']:.1f} s; "
           f"load the cache {results['fast_cache_load_s']:.2f} s")
     if args.json:

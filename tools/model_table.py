@@ -43,7 +43,7 @@ def pretrained_cell(name: str) -> str:
     return "<br>".join(cells) or "-"
 
 
-def row(name: str, speed: dict[str, float]) -> str:
+def row(name: str, speed: dict[str, float]) -> list[str]:
     cells = [f"`{name}`"]
     for stem, classes in (("cifar", 10), ("imagenet", 1000)):
         size = 32 if stem == "cifar" else imagenet_size(name)
@@ -52,7 +52,7 @@ def row(name: str, speed: dict[str, float]) -> str:
         cells += [f"{cost['params'] / 1e6:.3f} M", f"{cost['macs'] / 1e6:,.1f} M @{size}"]
     cells.append(f"{speed[name]:.0f}" if name in speed else "-")
     cells.append(pretrained_cell(name))
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
 def time_to_accuracy() -> str:
@@ -82,13 +82,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     speed = train_speed(args.train_speed)
-    print(
-        "| model | params (cifar, 10 cls) | mult-adds (cifar) | params (imagenet, 1000 cls) | mult-adds (imagenet) "
-        "| train img/s (cifar) | CIFAR-10 val acc (shipped) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name in models.list_models():
-        print(row(name, speed))
+    headers = ["model", "params (cifar, 10 cls)", "mult-adds (cifar)", "params (imagenet, 1000 cls)",
+               "mult-adds (imagenet)", "train img/s (cifar)", "CIFAR-10 val acc (shipped)"]
+    print(md_table(headers, [row(name, speed) for name in models.list_models()], right=[False, *[True] * 5, False]))
 
 
 if __name__ == "__main__":

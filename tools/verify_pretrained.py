@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import models
+from benchmarks.common import md_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +40,9 @@ def main() -> None:
         ok = measured is not None and abs(measured - meta["val_acc"]) <= 0.01
         failed |= not ok
         rows.append((entry, meta["val_acc"], measured, "ok" if ok else out.stderr[-300:]))
-    print("| entry | card val acc | eval.py val acc | |\n|---|---:|---:|---|")
-    for entry, stated, measured, status in rows:
-        print(f"| `{entry}` | {stated:.2f}% | {'-' if measured is None else f'{measured:.2f}%'} | {status} |")
+    print(md_table(["entry", "card val acc", "eval.py val acc", ""],
+                   [[f"`{entry}`", f"{stated:.2f}%", "-" if measured is None else f"{measured:.2f}%", status]
+                    for entry, stated, measured, status in rows], right=[False, True, True, False]))
     sys.exit(1 if failed else 0)
 
 
