@@ -22,12 +22,29 @@ def test_no_file_in_tools_or_benchmarks_edits_sys_path():
             assert "sys.path" not in path.read_text(), path
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_runs_as_a_module(module):
+# One interpreter runs every module's --help as `python -m` would (runpy, __main__), so torch is
+# imported once rather than once per module; it starts in the repo root with no PYTHONPATH.
+RUN_ALL = """
+import runpy, sys
+for module in sys.argv[1:]:
+    sys.argv = [module, "--help"]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        print(f"== {module} exit {done.code}", flush=True)
+"""
+
+
+def test_runs_as_a_module():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo root as cwd is all it needs
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", RUN_ALL, *MODULES], cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections = proc.stdout.split("== ")
+    for module in MODULES:
+        ends = [part for part in sections if part.startswith(f"{module} exit")]
+        assert ends and ends[0].startswith(f"{module} exit 0"), (module, proc.stdout[-2000:])
+    assert proc.stdout.count("usage:") == len(MODULES), proc.stdout[-2000:]
 
 
 def test_the_shell_scripts_call_the_tools_as_modules():
