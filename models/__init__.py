@@ -10,6 +10,7 @@ from .int8 import Int8Model, quantize
 from .layers import ConvMode
 from .pointwise import PointwiseConv, pointwise_conv2d
 from .pretrained import list_pretrained, pretrained_meta, pretrained_transforms
+from .qat import QATSimulator, prepare_qat
 from .registry import REFERENCES, convert_state_dict, create_model, list_models, register_model
 
 # Importing the architecture files registers their models.
@@ -42,4 +43,6 @@ __all__ = [
     "fuse",
     "quantize",
     "Int8Model",
+    "prepare_qat",
+    "QATSimulator",
 ]

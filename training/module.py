@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+import models
+
 from .errors import ConfigError, NonFiniteLossError
 from .models import build_model
 
@@ -116,6 +118,21 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
                     reduction="batchmean", log_target=True) * t * t
 
 
+def qat_simulator(config: dict, model: nn.Module) -> models.QATSimulator | None:
+    """`qat=true`: a `models.prepare_qat` simulator of what eval.py's `eval.int8=true` will compute
+    (`models.quantize`'s default float_layers: the stem conv stays float32); None when off."""
+    qat = config.get("qat", False)  # absent from checkpoints written before QAT
+    if qat in (False, None):
+        return None
+    if qat is not True:
+        raise ConfigError(f"qat={qat!r}: choose qat=true (quantization-aware fine-tuning) or qat=false")
+    if config.get("compile"):
+        # the simulation swaps in fake-quantized weights and hooks the layers on every call, which
+        # torch.compile would trace anew or break on; a few fine-tuning epochs do not need it
+        raise ConfigError("qat=true runs the model eagerly and does not work with compile=true: set compile=false")
+    return models.prepare_qat(model, float_layers="first")
+
+
 def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes, top_k=min(top_k, num_classes), average="micro", ignore_index=IGNORE)
 
@@ -144,6 +161,11 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = bool(config.get("channels_last", False))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # qat=true: training, validation and test forward passes run the model as its int8 version
+        # will compute (models/qat.py), so val/acc is the simulated int8 accuracy. The simulator's
+        # activation ranges are this module's `qat.*` state, beside `model.*`: checkpoints carry
+        # them and resume exactly, and the model's own keys (what eval.py and export read) are unchanged.
+        self.qat = qat_simulator(config, self.model)
         self.tta = bool(tta)  # flip test-time augmentation in validation/test steps (eval.py's eval.tta)
         # Logged as metric objects: Lightning computes them (synced across DDP ranks) at the end of
         # each epoch and resets them. Metric states are not saved in checkpoints.
@@ -162,6 +184,8 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.qat is not None:
+            return self.qat(self.model, x)
         return self.model(x)
 
     # -- training ----------------------------------------------------------------------------
@@ -248,6 +272,10 @@ class ClassifierModule(L.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if self.qat is not None and state is not None and not any(k.startswith("qat.") for k in state):
+            # qat=true continuing a float run: its weights, fresh activation ranges
+            state.update({f"qat.{k}": v for k, v in self.qat.state_dict().items()})
         states = checkpoint.get("rng_states") or {}
         if "torch" in states:
             torch.set_rng_state(states["torch"])

@@ -186,6 +186,10 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         check_compatible(module.model.state_dict(), model_state_dict(ckpt), ckpt_path,
                          expected_desc=describe_model(config["model"]),
                          found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
+        if (checkpoint_config(ckpt) or {}).get("qat") and not config.get("qat"):
+            # its `qat.*` activation ranges would not load into a float run
+            raise ConfigError(f"{ckpt_path} was trained with qat=true (quantization-aware fine-tuning): resume it with "
+                              "qat=true; evaluate it with eval.py ckpt_path=... eval.int8=true")
         plugins = [ReadOnce(ckpt_path, ckpt)]
         del ckpt
 
@@ -230,6 +234,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         "macs": cost["macs"],
         "final_val_acc": float(final_val) if final_val is not None else None,
         "ema_decay": ema.decay if ema is not None else None,
+        "qat": bool(config.get("qat")),  # the accuracies are of the simulated int8 model
         "teacher": teacher["teacher"]["name"] if teacher else None,
         "precision": str(trainer.precision),  # what trainer.precision=auto resolved to
         "best_val_acc": float(best_score) if best_score is not None else None,

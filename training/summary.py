@@ -26,13 +26,14 @@ def _model(s: dict[str, Any]) -> str:
 
 def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     test = _pct(s.get("test_acc")) if s.get("test_acc") is not None else "n/a -- no test split; validation reported"
+    sim = " (simulated int8, qat=true)" if s.get("qat") else ""  # fake-quant forward passes (models/qat.py)
     return [
         ("model", _model(s)),
         ("params", f"{_human(s['params'])} ({s['params']:,})"),
         ("mult-adds", f"{_human(s['macs'])} ({s['macs']:,})"),
-        ("final val acc", _pct(s.get("final_val_acc")) + (f" (weight EMA, decay {s['ema_decay']})" if s.get("ema_decay") else "")),
-        ("best val acc", f"{_pct(s.get('best_val_acc'))} (epoch {s.get('best_epoch', '?')})"),
-        ("test acc", test),
+        ("final val acc", _pct(s.get("final_val_acc")) + (f" (weight EMA, decay {s['ema_decay']})" if s.get("ema_decay") else "") + sim),
+        ("best val acc", f"{_pct(s.get('best_val_acc'))} (epoch {s.get('best_epoch', '?')}){sim}"),
+        ("test acc", test + sim if s.get("test_acc") is not None else test),
         ("wall time", f"{s['wall_seconds']:.1f} s"),
         ("img/s (train)", f"{s['images_per_second']:.0f}"),
     ]
