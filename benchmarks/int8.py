@@ -1,13 +1,15 @@
 """int8 against float32 on the CPU, for every shipped entry: latency, size and validation accuracy.
 
     python -m benchmarks.int8 --data-root ../shared/data/cifar10 [--entries resnet20 ...] [--threads 2] [--out outputs/bench_int8]
-        [--method minmax|percentile|entropy] [--float-layers none|first|last|ends] [--accuracy-only]
+        [--method minmax|percentile|entropy] [--float-layers none|first|last|ends] [--accuracy-only] [--update-cards]
 
 Per entry (its shipped weights): float32 eager, `models.fuse` float32 and `models.quantize` int8
 (calibrated on the first --calib training images, never the validation split), timed interleaved
 (`benchmarks.common.bench`, medians) at batch 1 x 224 x 224 and batch 64 x 32 x 32; file size of the
 float32 weights and of the int8 ONNX file; top-1 on the 5,000-image validation split for float32
-and int8. Without --data-root the accuracy columns are skipped.
+and int8. Without --data-root the accuracy columns are skipped. --update-cards writes each entry's
+int8 accuracy and calibration method into its card, where `models.quantize` and `eval.py
+eval.int8=true` find the method.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
     if args.float_layers == "none":  # every layer in int8
         options["float_layers"] = None
     q32 = models.quantize(model, calib, **options)
-    row = {"entry": entry, "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
+    row = {"entry": entry, "method": options.get("method") or models.int8.default_method(model),
+           "float_layers": options.get("float_layers", "first"), "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
            "int8_bytes": q32.size_bytes}
     for batch, size in [] if args.accuracy_only else SHAPES:
         x = torch.randn(batch, 3, size, size)
@@ -73,6 +76,31 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
     return row
 
 
+def update_card(row: dict, args) -> None:
+    """Record what was measured in the entry's card (models/weights/<entry>.json, key "int8") and its
+    docs/model_cards page: `models.quantize` then calibrates these weights with this method by default
+    (models.int8.default_method). Re-exporting an entry drops the block: new weights, new measurement."""
+    import datetime as dt
+    import json
+
+    from tools.export_weights import CARDS_DIR, model_card
+
+    path = models.pretrained.WEIGHTS_DIR / f"{row['entry']}.json"
+    card = json.loads(path.read_text())
+    card["int8"] = {
+        "method": row["method"], "float_layers": row["float_layers"], "calibration_images": args.calib,
+        "val_acc": round(100 * row["val_acc_int8"], 2), "val_acc_float32": round(100 * row["val_acc_float32"], 2),
+        "command": " ".join(["python -m benchmarks.int8 --accuracy-only", f"--data-root {args.data_root}",
+                             f"--calib {args.calib}", f"--entries {row['entry']}",
+                             *([f"--method {args.method}"] if args.method else []),
+                             *([f"--float-layers {args.float_layers}"] if args.float_layers else [])]),
+        "hardware": "; ".join(machine_info().split("; ")[:2]),  # the CPU and torch, not the load of the moment
+        "measured_on": dt.date.today().isoformat(),
+    }  # fmt: skip
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    (CARDS_DIR / f"{row['entry']}.md").write_text(model_card(card))
+
+
 def table(rows: list[dict]) -> str:
     out = []
     for r in rows:
@@ -86,7 +114,7 @@ def table(rows: list[dict]) -> str:
     return md_table(["entry", *shapes, "size float32 / int8", "val top-1 float32 / int8 (%)"], out)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), "outputs/bench_int8")
     parser.add_argument("--data-root", default=None, help="CIFAR-10 data.root: calibrate on training images, measure validation accuracy")
     parser.add_argument("--entries", nargs="+", default=None, help="shipped entries (default: all)")
@@ -96,7 +124,16 @@ def main(argv=None) -> int:
                         help="layers kept in float32, none: every layer int8 (default: models.quantize's)")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the timings: sizes and accuracies (to compare quantize's options)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape and entry")
+    parser.add_argument("--update-cards", action="store_true",
+                        help="write each entry's int8 accuracy and calibration method into its card (needs --data-root)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.update_cards and not args.data_root:
+        parser.error("--update-cards records validation accuracy: give --data-root")
     setup(args)
     shown = " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`python -m benchmarks.int8 {shown}`\n\nMachine: {machine_info()}\n")
@@ -105,6 +142,8 @@ def main(argv=None) -> int:
     rows = []
     for entry in args.entries or models.list_pretrained():
         rows.append(run_entry(entry, args, calib, val))
+        if args.update_cards:
+            update_card(rows[-1], args)
         write_csv(args.out / "int8.csv", rows)  # after each entry: a run cut short keeps what it measured
         print(f"{entry} done", file=sys.stderr, flush=True)
     print(table(rows))

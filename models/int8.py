@@ -87,6 +87,14 @@ FLOAT_LAYERS = (None, "first", "last", "ends")
 DEFAULT_METHOD = "percentile"  # chosen by measurement on the shipped entries (docs/int8.md): 7 of 8 within 0.5 pts, minmax 5
 
 
+def default_method(model: nn.Module) -> str:
+    """The calibration method `quantize` uses when not told: the one a shipped entry's card names
+    (`create_model(entry, pretrained=True)` copies it into `model.pretrained_cfg["int8_method"]`;
+    written by `python -m benchmarks.int8 --update-cards`, the method measured best for those
+    weights), else DEFAULT_METHOD."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("int8_method") or DEFAULT_METHOD
+
+
 class _Batches:
     """onnxruntime calibration reader over numpy batches. `set_range` lets the quantizer feed them a
     few at a time (its CalibStridedMinMax option): every calibrator then folds each chunk's
@@ -131,7 +139,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
     method: how each activation's range is set from the calibration images -- "minmax" (their
         extremes), "percentile" (clip at the `percentile`-th percentile of |x|), "entropy" (the clip
         that keeps the int8 histogram closest to the float one in KL divergence). docs/int8.md has
-        the accuracy of each per shipped entry; None: DEFAULT_METHOD.
+        the accuracy of each per shipped entry; None: `default_method(model)`, the method of the
+        shipped entry's card when the model was created with its weights, else DEFAULT_METHOD.
     float_layers: keep "first" (the stem conv, the default), "last" (the classifier), "ends" (both)
         or None (nothing) in float32; the rest runs in int8. Why the stem: on CPUs without VNNI,
         onnxruntime multiplies uint8 activations by int8 weights with an instruction that adds
@@ -142,7 +151,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
     backend = backend or "onnxruntime"
     if backend not in BACKENDS:
         raise ValueError(f"unknown int8 backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    method = method or DEFAULT_METHOD
+    method = method or default_method(model)
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}")
     if float_layers not in FLOAT_LAYERS:

@@ -80,6 +80,8 @@ def _cfg_from_card(meta: dict) -> dict:
         "num_classes": build.get("num_classes"),
         "stem": build.get("stem"),
         "dataset": meta.get("dataset"),
+        # how models.quantize calibrates these weights when not told (the card's measured choice, docs/int8.md)
+        **({"int8_method": meta["int8"]["method"]} if meta.get("int8") else {}),
     }
 
 

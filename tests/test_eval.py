@@ -179,6 +179,21 @@ def test_eval_int8_of_pretrained_weights(tmp_path, monkeypatch, cifar_root):
     assert report["int8"] and report["int8_method"] == "percentile" and report["source"] == "pretrained resnet20"
 
 
+def test_eval_int8_of_pretrained_weights_uses_their_cards_method(tmp_path, monkeypatch, cifar_root):
+    pytest.importorskip("onnxruntime")
+    real = models.create_model
+
+    def shipped(name, pretrained=False, **kwargs):  # a tiny model whose card names minmax ranges
+        model = real(name, **kwargs)
+        model.pretrained_cfg = {**model.pretrained_cfg, "int8_method": "minmax"}
+        return model
+
+    monkeypatch.setattr(models, "create_model", shipped)
+    report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
+                      "data.val_size=20", "eval.int8=true", "eval.int8_calibration_images=16")
+    assert report["int8_method"] == "minmax"
+
+
 def test_eval_int8_without_onnxruntime_names_the_fix(trained_run, tmp_path, monkeypatch):
     import sys
 

@@ -87,3 +87,48 @@ def test_int8_benchmark_runs_on_a_shipped_entry(tmp_path, capsys):
     bench.main(["--entries", "resnet20", "--repeats", "1", "--budget", "0.1", "--calib", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| `resnet20` |" in out and "int8 vs fuse" in out and (tmp_path / "int8.csv").is_file()
+
+
+def test_a_card_names_the_calibration_method_quantize_uses(tmp_path, monkeypatch):
+    """`benchmarks.int8 --update-cards` writes the measured method into the card; create_model copies it
+    into pretrained_cfg, and quantize(method=None) calibrates with it (explicit methods still win)."""
+    import json
+    import shutil
+
+    import onnxruntime.quantization as ortq
+
+    from benchmarks import int8 as bench
+    from models import pretrained
+    from tools import export_weights
+
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    shutil.copytree(pretrained.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("mobilenet*", "xception*", "resnet56*"))
+    cards.mkdir()
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(export_weights, "CARDS_DIR", cards)
+    row = {"entry": "resnet20", "method": "entropy", "float_layers": "first", "val_acc_int8": 0.8512, "val_acc_float32": 0.8552}
+    with pytest.raises(SystemExit):  # argparse names the missing --data-root
+        bench.main(["--update-cards"])
+    args = bench.build_parser().parse_args(["--data-root", "data/cifar10", "--method", "entropy", "--update-cards"])
+    bench.update_card(row, args)
+    card = json.loads((weights / "resnet20.json").read_text())
+    assert card["int8"]["method"] == "entropy" and card["int8"]["val_acc"] == 85.12 and card["int8"]["calibration_images"] == 1024
+    assert card["int8"]["command"] == ("python -m benchmarks.int8 --accuracy-only --data-root data/cifar10 --calib 1024 "
+                                       "--entries resnet20 --method entropy")
+    assert "85.12% validation top-1 against 85.52% float32 (-0.40); entropy ranges" in (cards / "resnet20.md").read_text()
+
+    model = models.create_model("resnet20", pretrained=True).eval()
+    assert model.pretrained_cfg["int8_method"] == "entropy" and models.int8.default_method(model) == "entropy"
+    assert models.int8.default_method(models.create_model("resnet20")) == models.int8.DEFAULT_METHOD
+
+    seen = []
+
+    def spy(*args, calibrate_method, **kwargs):
+        seen.append(calibrate_method)
+        raise InterruptedError  # what quantize passes on is all this test needs
+
+    monkeypatch.setattr(ortq, "quantize_static", spy)
+    for method in (None, "minmax"):
+        with pytest.raises(InterruptedError):
+            quantize(model, torch.randn(2, 3, 32, 32), method=method)
+    assert seen == [ortq.CalibrationMethod.Entropy, ortq.CalibrationMethod.MinMax]

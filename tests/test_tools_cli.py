@@ -67,3 +67,25 @@ def test_time_to_accuracy_table_reads_every_card_and_the_peers():
         assert f"{meta['val_acc']:.2f}%" in line and f"| {meta['recipe']['epochs']} |" in line
         peer = PUBLISHED.get(entry)
         assert (f"{peer.acc} ({peer.epochs} ep" in line) if peer else line.rstrip().endswith("| - |")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_verify_pretrained_runs_each_cards_command_and_compares(int8, monkeypatch, capsys):
+    """--int8 appends eval.int8=true and checks the card's int8 accuracy; without it, the float one."""
+    import models
+    from tools import verify_pretrained
+
+    meta = models.pretrained_meta("mobilenet_v1")
+    stated = meta["int8"]["val_acc"] if int8 else meta["val_acc"]
+    commands = []
+
+    def fake_eval(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=f"| top-1  | {stated:.2f}% |\n", stderr="")
+
+    monkeypatch.setattr(verify_pretrained.subprocess, "run", fake_eval)
+    monkeypatch.setattr(sys, "argv", ["verify", "--data-root", "somewhere", *(["--int8"] if int8 else []), "mobilenet_v1"])
+    with pytest.raises(SystemExit) as done:
+        verify_pretrained.main()
+    assert done.value.code == 0 and f"{stated:.2f}%" in capsys.readouterr().out
+    assert ("eval.int8=true" in commands[0]) == int8 and "data.root=somewhere" in commands[0] and "pretrained=true" in commands[0]

@@ -187,6 +187,20 @@ def budget_note(card: dict) -> str:
     return note + (f" {card['notes']}" if card.get("notes") else "")
 
 
+FLOAT_LAYERS_SAY = {"first": "stem conv in float32", "last": "classifier in float32",
+                    "ends": "stem conv and classifier in float32", None: "every layer int8"}
+
+
+def int8_row(card: dict) -> str:
+    """The card's int8 line, when `python -m benchmarks.int8 --update-cards` has measured it."""
+    q = card.get("int8")
+    if not q:
+        return ""
+    return (f"| int8 (`models.quantize`) | {q['val_acc']}% validation top-1 against {q['val_acc_float32']}% float32 "
+            f"({q['val_acc'] - q['val_acc_float32']:+.2f}); {q['method']} ranges from {q['calibration_images']} training "
+            f"images, {FLOAT_LAYERS_SAY[q['float_layers']]}; `{q['command']}` |\n")
+
+
 def model_card(card: dict) -> str:
     r = card["recipe"]
     return f"""# `{card['entry']}`: {card['model']} on {card['dataset']}
@@ -203,7 +217,7 @@ def model_card(card: dict) -> str:
 | training throughput | {r['train_images_per_second']:.0f} img/s |
 {f"| teacher | distilled from {card['teacher']} |{chr(10)}" if card.get('teacher') else ""}| weights | `models/weights/{card['file']}`, {card['dtype']}, {card['file_size'] / 1e6:.2f} MB |
 | sha256 | `{card['sha256']}` |
-| normalisation | mean {card['mean']}, std {card['std']} |
+{int8_row(card)}| normalisation | mean {card['mean']}, std {card['std']} |
 | eval transform | {card['eval_transform']} |
 
 {budget_note(card)}

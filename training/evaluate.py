@@ -95,16 +95,14 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
     false; None: whatever `config` builds, e.g. `pretrained=true`) on `split`: "test", "val", or
     "auto" (test when the data has one, else validation). `tta` averages each image's prediction with
     its mirror's. `int8` evaluates `models.quantize` of those weights (onnxruntime on the CPU),
-    calibrated with `int8_method` (None: `models.quantize`'s default) on the first
+    calibrated with `int8_method` (None: `models.quantize`'s default, which for shipped weights is
+    the method their card names) on the first
     `int8_calibration_images` images of the training split. Writes metrics.json and
     confusion_matrix.png to `config["run_dir"]`; returns the report."""
     if split not in SPLITS:
         raise ConfigError(f"eval.split={split!r}: choose auto, test or val")
     if int8:
         check_int8_available()
-        from models.int8 import DEFAULT_METHOD
-
-        int8_method = int8_method or DEFAULT_METHOD
         if int8_calibration_images < 1:
             raise ConfigError(f"eval.int8_calibration_images={int8_calibration_images}: give at least 1 training image")
     run_dir = Path(config["run_dir"])
@@ -124,6 +122,9 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
                          found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
         module.model.load_state_dict(state)
     if int8:
+        from models.int8 import default_method
+
+        int8_method = int8_method or default_method(module.model)  # shipped weights: their card's method
         module.model = quantize_for_eval(module.model, datamodule, int8_calibration_images, int8_method)
 
     trainer_cfg = dict(config["trainer"], devices=1, num_nodes=1, strategy="auto")
