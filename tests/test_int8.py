@@ -61,8 +61,24 @@ def test_calibration_accepts_batches_and_the_file_round_trips(tmp_path):
     assert torch.equal(q(x), again(x))
 
 
-def test_int8_file_is_under_a_third_of_the_float_weights():
-    model = models.create_model("resnet20").eval()
+def test_short_names_keep_the_graph_and_shrink_the_file(tmp_path):
+    from models.int8 import _short_names
+    from models.onnx import export_onnx, ort_session
+
+    model = random_model("se_resnet20")
+    path = export_onnx(models.fuse(model), torch.randn(2, 3, 32, 32), tmp_path / "m.onnx")
+    long = path.read_bytes()
+    short = _short_names(long)
+    x = torch.randn(4, 3, 32, 32).numpy()
+    a, b = ort_session(long), ort_session(short)
+    assert [i.name for i in a.get_inputs()] == [i.name for i in b.get_inputs()]
+    assert (a.run(None, {a.get_inputs()[0].name: x})[0] == b.run(None, {b.get_inputs()[0].name: x})[0]).all()
+    assert len(short) < len(long)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "se_resnet20"])  # se_resnet20: the smallest weights per layer
+def test_int8_file_is_under_a_third_of_the_float_weights(name):
+    model = models.create_model(name).eval()
     float_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
     assert quantize(model, torch.randn(8, 3, 32, 32)).size_bytes < float_bytes / 3
 
