@@ -162,7 +162,7 @@ def _short_names(onnx_bytes: bytes) -> bytes:
 
 def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: str | None = None,
              max_images: int = 1024, threads: int | None = None, method: str | None = None,
-             percentile: float = 99.999, float_layers: str | None = "first") -> Int8Model:
+             percentile: float = 99.999, float_layers: str | None = "first", short_names: bool = True) -> Int8Model:
     """Post-training static int8 quantization of `model` for CPU inference.
 
     calibration: training images as the model sees them (float, normalised, N x C x H x W), a
@@ -180,6 +180,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
         pairs of products in int16 and saturates. All-int8 resnet20 lost 1.1 points of accuracy
         and mobilenet_v1 0.9 that way; a float stem alone won them back (docs/int8.md), for one
         small layer's speed: the stem's input, the normalised image, spans the whole uint8 range.
+    short_names: rename the graph's internal tensors to short numbers (a smaller file, same
+        computation; see `_short_names`); False keeps the quantizer's names, which spell each
+        tensor's module path (`<layer>.weight_quantized`, ...), for reading the graph.
     """
     backend = backend or "onnxruntime"
     if backend not in BACKENDS:
@@ -210,4 +213,5 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
                 # one batch at a time through the calibrator (see _Batches); it needs a stride dividing the count
                 extra_options={"CalibStridedMinMax": 1, "CalibPercentile": percentile},
             )  # fmt: skip
-        return Int8Model(_short_names(int8.read_bytes()), threads)
+        onnx_bytes = int8.read_bytes()
+        return Int8Model(_short_names(onnx_bytes) if short_names else onnx_bytes, threads)

@@ -53,7 +53,7 @@ def test_weights_land_on_onnxruntimes_grid_and_only_the_stem_stays_float():
     from onnx import numpy_helper
 
     model = signed_bn_model()
-    q = models.quantize(model, torch.randn(16, 3, 32, 32), method="minmax")
+    q = models.quantize(model, torch.randn(16, 3, 32, 32), method="minmax", short_names=False)
     stored = {t.name: numpy_helper.to_array(t).copy() for t in onnx.load_from_string(q.onnx_bytes).graph.initializer}
     int8 = {k[: -len(".weight_quantized")]: k for k in stored if k.endswith(".weight_quantized")}
 
