@@ -48,7 +48,8 @@ def main() -> None:
         measured = float(found.group(1)) if found else None
         ok = measured is not None and abs(measured - stated) <= 0.01
         failed |= not ok
-        rows.append((entry, stated, measured, "ok" if ok else out.stderr[-300:]))
+        status = "ok" if ok else (f"differs by {measured - stated:+.2f}" if measured is not None else out.stderr[-300:])
+        rows.append((entry, stated, measured, status))
     print(md_table(["entry", f"card {'int8 ' if args.int8 else ''}val acc", "eval.py val acc", ""],
                    [[f"`{entry}`", "-" if stated is None else f"{stated:.2f}%", "-" if measured is None else f"{measured:.2f}%", status]
                     for entry, stated, measured, status in rows], right=[False, True, True, False]))
