@@ -89,3 +89,14 @@ def test_verify_pretrained_runs_each_cards_command_and_compares(int8, monkeypatc
         verify_pretrained.main()
     assert done.value.code == 0 and f"{stated:.2f}%" in capsys.readouterr().out
     assert ("eval.int8=true" in commands[0]) == int8 and "data.root=somewhere" in commands[0] and "pretrained=true" in commands[0]
+
+
+def test_cards_hold_no_path_of_the_machine_that_trained_them():
+    import json
+
+    from tools.export_weights import repo_relative
+
+    config = {"run_dir": str(REPO / "runs" / "r"), "logger": [{"save_dir": str(REPO / "runs" / "r")}], "data": {"root": "/elsewhere"}}
+    assert repo_relative(config) == {"run_dir": "runs/r", "logger": [{"save_dir": "runs/r"}], "data": {"root": "/elsewhere"}}
+    for card in (REPO / "models" / "weights").glob("*.json"):
+        assert str(REPO) not in card.read_text(), card.name

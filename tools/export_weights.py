@@ -59,6 +59,19 @@ PUBLISHED = {
 }
 
 
+def repo_relative(value):
+    """`value` (a run's config) with every path inside this checkout written relative to it: the card
+    ships, and the training machine's folders (run_dir, the logger's save_dir, checkpoint dirpaths)
+    mean nothing elsewhere."""
+    if isinstance(value, dict):
+        return {k: repo_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repo_relative(v) for v in value]
+    if isinstance(value, str) and value.startswith("/") and Path(value).resolve().is_relative_to(REPO):
+        return str(Path(value).resolve().relative_to(REPO))
+    return value
+
+
 def default_entry(model_cfg: dict) -> str:
     tag = [] if float(model_cfg["width"]) == 1.0 else [f"w{model_cfg['width']:g}".replace(".", "_")]
     if model_cfg.get("conv_mode", "separable") != "separable":
@@ -137,8 +150,7 @@ def main() -> None:
                       "carved_from": "the CIFAR-10 training split (data.root/train); the test split was not used"},
         "recipe": {
             "command": "python train.py " + " ".join(overrides),
-            "config": {**config, "run_dir": str(Path(config["run_dir"]).resolve().relative_to(REPO))
-                       if Path(config["run_dir"]).resolve().is_relative_to(REPO) else config["run_dir"]},
+            "config": repo_relative(config),
             "epochs": summary["epochs"],
             "wall_seconds": round(summary["wall_seconds"], 1),
             "train_images_per_second": round(summary["images_per_second"], 1),
