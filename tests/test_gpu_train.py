@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, compose_config, eval_overrides, make_imagefolder
-from tools.pack_cifar import pack
+from tools.pack_cifar import pack, to_webp
 from training.checkpoints import load_checkpoint
 from training.evaluate import evaluate
 
@@ -18,13 +19,11 @@ TINY = ("model.width=0.25 data.val_size=20 data.batch_size=16 data.eval_batch_si
 
 @pytest.mark.slow
 def test_train_slim_split_unpack_and_evaluate(tmp_path):
-    # the layout `prepare` leaves: one CIFAR batch file per folder, as the data calls carry them
+    # the layout `prepare` leaves: WebP mosaics in two folders, as the two data calls carry them
     gpu = tmp_path / "gpu"
-    for path in pack(make_imagefolder(tmp_path / "tree"), tmp_path / "packed"):
-        folder = gpu / ("b" + path.name[-1] if path.name.startswith("data_batch_") else "b1")
-        folder.mkdir(parents=True, exist_ok=True)
-        path.rename(folder / path.name)
-    data = gpu / "data"  # where `train` assembles them
+    pack(make_imagefolder(tmp_path / "tree"), tmp_path / "packed")
+    to_webp(tmp_path / "packed" / "cifar-10-batches-py", [gpu / "p1", gpu / "p2"])
+    data = gpu / "data"  # where `train` decodes them
     out, runs, back = tmp_path / "out", tmp_path / "runs", tmp_path / "back"
     out.mkdir()
     env = dict(os.environ, OUT=str(out), RUNS=str(runs), GPU_DIR=str(gpu), PYTHON=sys.executable,
@@ -44,6 +43,9 @@ def test_train_slim_split_unpack_and_evaluate(tmp_path):
     assert set(ckpt) == {"hyper_parameters", "epoch", "global_step", "ema_decay", "ema_state_dict"}  # slim
     assert not (run / "checkpoints" / "best.ckpt").exists() and (run / "summary.json").is_file()
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 2  # entry:epochs applied
+    weights = ckpt["ema_state_dict"]  # matrices travel as fp16, vectors (BN statistics) as float32
+    assert {t.dtype for t in weights.values() if t.is_floating_point() and t.dim() > 1} == {torch.float16}
+    assert {t.dtype for t in weights.values() if t.is_floating_point() and t.dim() == 1} == {torch.float32}
 
     # what export_weights reads: the slim checkpoint evaluates to the run's own final validation accuracy
     overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={last}", f"data.root={data}"]
