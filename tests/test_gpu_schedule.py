@@ -9,8 +9,8 @@ from types import SimpleNamespace
 from conftest import REPO, make_imagefolder
 from tools.gpu_schedule import make_job, plan
 
-ARGS = SimpleNamespace(extra=[], train_images=45_000, min_fraction=0.5)
-# 176 batches an epoch at 10 ms, times the 1.15 safety factor: 2.024 s an epoch, plus 10 s to start
+ARGS = SimpleNamespace(extra=[], train_images=45_000, min_fraction=0.5, stretch=1.0)
+# 176 batches an epoch at 10 ms, times the 1.2 safety factor: 2.112 s an epoch, plus 10 s to start
 SPEED = {"seconds_per_batch": 0.01, "startup_seconds": 10.0, "fallback": []}
 
 
@@ -18,16 +18,19 @@ def test_a_bare_entry_gets_the_epochs_that_fit_if_at_least_half():
     job = make_job("se_resnet20")  # recipe: 80 epochs
     assert not job.fixed and job.epochs == 80
     assert plan(job, SPEED, 1000.0, ARGS) is None and job.epochs == 80  # all fit: the recipe's
-    assert plan(job, SPEED, 100.0, ARGS) is None and job.epochs == 44 and "trainer.max_epochs=44" in job.args
-    assert job.args.count("trainer.max_epochs=44") == 1 and "trainer.max_epochs=80" not in job.args
-    assert plan(make_job("se_resnet20"), SPEED, 80.0, ARGS) == "skipped (34 of 80 epochs fit)"
+    assert plan(job, SPEED, 100.0, ARGS) is None and job.epochs == 42 and "trainer.max_epochs=42" in job.args
+    assert job.args.count("trainer.max_epochs=42") == 1 and "trainer.max_epochs=80" not in job.args
+    assert plan(make_job("se_resnet20"), SPEED, 80.0, ARGS) == "skipped (33 of 80 epochs fit)"
+    longer = SimpleNamespace(**dict(vars(ARGS), stretch=1.5))  # up to 120 epochs where they fit
+    assert plan(job := make_job("se_resnet20"), SPEED, 1000.0, longer) is None and job.epochs == 120
+    assert plan(job := make_job("se_resnet20"), SPEED, 200.0, longer) is None and job.epochs == 89
 
 
 def test_fixed_epochs_run_whole_or_not_at_all():
     ablation = make_job("ablation.se_resnet20.w1_0.pointwise_kxk.s0")  # the ablation fixes 30 epochs
     named = make_job("resnet56:7")
     assert ablation.fixed and ablation.epochs == 30 and named.fixed and named.epochs == 7
-    assert plan(ablation, SPEED, 60.0, ARGS).startswith("skipped (30 epochs need ~71 s")
+    assert plan(ablation, SPEED, 60.0, ARGS).startswith("skipped (30 epochs need ~73 s")
     assert plan(ablation, SPEED, 80.0, ARGS) is None and ablation.epochs == 30
     assert plan(named, SPEED, 30.0, ARGS) is None
     assert plan(named, None, 1000.0, ARGS) == "left out (probe failed)"

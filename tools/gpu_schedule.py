@@ -11,8 +11,9 @@ JOB is a job of tools/recipes.sh (a shipped entry or an ablation run), in priori
    (float32, NCHW); a job whose probe fails twice is left out and its log's end printed.
 2. Run: jobs start in the order given, at most `--lanes` at a time (one CPU core each drives its GPU
    work). A job named with its epochs (resnet56:100) or an ablation job (the ablation fixes its epochs)
-   starts only if all of them fit in the time left; a shipped entry named bare gets its recipe's epochs,
-   or as many as fit if that is at least `--min-fraction` of them (the card records the epochs).
+   starts only if all of them fit in the time left; a shipped entry named bare gets its recipe's epochs
+   times `--stretch` (a GPU can afford the longer schedules the CIFAR repos use), or as many as fit if
+   that is at least `--min-fraction` of the recipe's (the card records the epochs).
 3. Deadline: a run still going when the budget ends is killed, so it leaves no summary.json and
    counts as unfinished; the caller still packs everything that finished.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK = ["trainer.precision=32-true", "channels_last=false"]
-SAFETY = 1.15  # an epoch's estimate from the probe, times this (validation, the last short batch, jitter)
+SAFETY = 1.2  # an epoch's estimate from the probe, times this (validation, checkpoints, the last short batch, jitter)
 
 
 @dataclass
@@ -161,10 +162,10 @@ def plan(job: Job, speed: dict | None, left: float, args) -> str | None:
     if not job.fixed:
         per_epoch = estimate(job, speed, args, 1) - speed["startup_seconds"]
         fit = int((left - speed["startup_seconds"]) / per_epoch)
-        if fit < job.epochs:
-            if fit < args.min_fraction * job.epochs:
-                return f"skipped ({max(fit, 0)} of {job.epochs} epochs fit)"
-            job.args, job.epochs = override(job.args, "trainer.max_epochs", fit), fit
+        if fit < args.min_fraction * job.epochs:
+            return f"skipped ({max(fit, 0)} of {job.epochs} epochs fit)"
+        epochs = min(fit, round(job.epochs * args.stretch))
+        job.args, job.epochs = override(job.args, "trainer.max_epochs", epochs), epochs
     need = estimate(job, speed, args, job.epochs)
     if need > left:
         return f"skipped ({job.epochs} epochs need ~{need:.0f} s, {left:.0f} s left)"
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--budget", type=float, default=0, help="seconds until every run must be done; 0: no limit, no probe")
     parser.add_argument("--lanes", type=int, default=14, help="runs at a time")
+    parser.add_argument("--stretch", type=float, default=1.0, help="a bare entry may run up to its recipe's epochs times this")
     parser.add_argument("--min-fraction", type=float, default=0.5, help="an entry runs only if this share of its epochs fits")
     parser.add_argument("--train-images", type=int, default=45_000, help="training images an epoch (CIFAR less the validation split)")
     parser.add_argument("--probe-batches", type=int, default=30)
