@@ -394,3 +394,36 @@ def test_the_resolved_precision_is_recorded(compose_train, monkeypatch):
 
     monkeypatch.setattr(pipeline, "native_bf16_cpu", lambda: False)
     assert train(compose_train("trainer.max_epochs=1"))["precision"] == "32-true"
+
+
+def test_init_weights_starts_a_new_schedule_from_a_runs_ema_weights(compose_train, tmp_path):
+    # finishing a run whose optimizer state is gone (a GPU run stopped at its deadline, slimmed to its EMA)
+    from tools.slim_runs import slim
+
+    train(compose_train("trainer.max_epochs=1", run_dir=tmp_path / "first"))
+    slim_path = tmp_path / "ema_only.ckpt"
+    torch.save(slim(load_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt"), half=True), slim_path)
+    ema = load_checkpoint(slim_path)["ema_state_dict"]
+
+    seen = {}
+
+    class FirstWeights(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    second = tmp_path / "second"
+    train(compose_train("trainer.max_epochs=1", f"init_weights={slim_path}", run_dir=second), callbacks=[FirstWeights()])
+    assert seen.keys() == ema.keys() and all(torch.equal(seen[k].float(), ema[k].float()) for k in ema)
+    slim_path.unlink()  # the run's own checkpoint is all that later steps read
+    assert load_checkpoint(second / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]["init_weights"] == str(slim_path)
+    module = ClassifierModule.load_from_checkpoint(second / "checkpoints" / "last.ckpt", weights_only=True)
+    assert isinstance(module.model, torch.nn.Module)
+
+
+def test_init_weights_that_do_not_fit_or_do_not_exist_are_named(compose_train, tmp_path):
+    with pytest.raises(ConfigError, match="init_weights=.*no such file"):
+        train(compose_train("trainer.max_epochs=1", f"init_weights={tmp_path / 'missing.ckpt'}", run_dir=tmp_path / "a"))
+    other = tmp_path / "other.pt"
+    torch.save(models.create_model("resnet20", width=0.5).state_dict(), other)
+    with pytest.raises(ConfigError, match="does not fit the model of this run"):
+        train(compose_train("trainer.max_epochs=1", f"init_weights={other}", run_dir=tmp_path / "b"))

@@ -35,13 +35,25 @@ _ablation se_resnet20 1.0 30 0 separable pointwise_kxk
 _ablation resnet38_bottleneck 1.0 30 0 separable pointwise_kxk
 _ablation mobilenet_v2 0.5 30 0 separable full pointwise_kxk
 
+# FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
+# weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped
+# schedule had reached (lr(t) of warm-up + cosine at the epoch it stopped) down to zero, from those
+# weights. Named finish.<entry>; they export as <entry> (the card's notes say what ran where).
+FINISH=(
+  "finish.xception_small|model=xception_small init_weights=runs/gpu/xception_small/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v3_small|model=mobilenet_v3_small init_weights=runs/gpu/mobilenet_v3_small/checkpoints/last.ckpt optim.lr=0.058 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v2|model=mobilenet_v2 init_weights=runs/gpu/mobilenet_v2/checkpoints/last.ckpt optim.lr=0.075 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v3_large|model=mobilenet_v3_large init_weights=runs/gpu/mobilenet_v3_large/checkpoints/last.ckpt optim.lr=0.14 optim.warmup_epochs=0 trainer.max_epochs=6"
+)
+
 # recipe_for <job>: prints that job's overrides; fails for an unknown one.
 recipe_for() {
   local r
-  for r in "${RECIPES[@]}" "${ABLATION[@]}"; do
+  for r in "${RECIPES[@]}" "${ABLATION[@]}" "${FINISH[@]}"; do
     if [ "${r%%|*}" = "$1" ]; then echo "${r#*|}"; return 0; fi
   done
   echo "unknown job '$1'; entries: $(for r in "${RECIPES[@]}"; do printf '%s ' "${r%%|*}"; done)" \
-    "ablation runs: $(for r in "${ABLATION[@]}"; do printf '%s ' "${r%%|*}"; done)" >&2
+    "ablation runs: $(for r in "${ABLATION[@]}"; do printf '%s ' "${r%%|*}"; done)" \
+    "finishing runs: $(for r in "${FINISH[@]}"; do printf '%s ' "${r%%|*}"; done)" >&2
   return 1
 }

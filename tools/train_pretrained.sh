@@ -47,9 +47,11 @@ for job in "${jobs[@]}"; do
       $PY -m tools.ablation measure "$run" --append "$RESULTS" --no-latency && touch "$run/.measured" \
         || echo "== $job: measure failed"
     fi ;;
-  *)  # export when the run is newer than the shipped card (a finished run replaces the old entry)
-    if [ "$run/summary.json" -nt "models/weights/$job.json" ]; then
-      $PY -m tools.export_weights "$run" --entry "$job" --data-root "$DATA_ROOT" || echo "== $job: export failed"
+  *)  # export when the run is newer than the shipped card (a finished run replaces the old entry);
+      # finish.<entry> (tools/recipes.sh) exports as <entry>
+    entry=${job#finish.}
+    if [ "$run/summary.json" -nt "models/weights/$entry.json" ]; then
+      $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" || echo "== $job: export failed"
     fi ;;
   esac
 done

@@ -143,6 +143,18 @@ def profile_model(model: torch.nn.Module, image_size: int = 32) -> dict[str, int
     return models.profile(probe, input_size=(1, 3, image_size, image_size))
 
 
+def init_weights(model: torch.nn.Module, path: str) -> None:
+    """`init_weights=<file>`: start from these weights (a train.py checkpoint's EMA, safetensors, a
+    state_dict), e.g. to finish a run whose optimizer state is gone with a new, shorter schedule."""
+    if not Path(path).is_file():
+        raise ConfigError(f"init_weights={path}: no such file; name a checkpoint, safetensors or state_dict file, "
+                          "or init_weights=null to start from a fresh initialisation")
+    try:
+        models.load_checkpoint(model, path)
+    except models.CheckpointLoadError as err:
+        raise ConfigError(f"init_weights={path} does not fit the model of this run:\n{err}") from None
+
+
 def set_cpu_threads(config: dict) -> None:
     if config.get("cpu_threads"):
         torch.set_num_threads(int(config["cpu_threads"]))
@@ -178,8 +190,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if teacher:  # saved with the config in every checkpoint, so an export card can name the teacher
         config["distill"]["teacher"] = teacher["teacher"]
     module = ClassifierModule(config)
-    cost = profile_model(module.model)
     ckpt_path = config.get("ckpt_path")
+    if config.get("init_weights") and not ckpt_path:
+        # here, not in the module: eval.py and export rebuild the module from a checkpoint's config,
+        # where this file need not exist any more (a resume restores its own weights instead)
+        init_weights(module.model, config["init_weights"])
+    cost = profile_model(module.model)
     plugins = None
     if ckpt_path:  # read once: checked here, then handed to trainer.fit to resume from
         ckpt = load_checkpoint(ckpt_path)
