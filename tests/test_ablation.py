@@ -41,7 +41,7 @@ def fake_run(folder: Path, conv_mode: str, seed: int = 0, val_acc: float = 0.5, 
         torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
                    folder / "checkpoints" / "best.ckpt")
     summary = {"model": "mobilenet_v1", "model_config": model_cfg, "params": cost["params"], "macs": cost["macs"],
-               "best_val_acc": val_acc, "best_epoch": 1, "test_acc": None, "epochs": 2, "wall_seconds": 10.0,
+               "final_val_acc": val_acc, "best_val_acc": val_acc + 0.01, "best_epoch": 1, "test_acc": None, "epochs": 2, "wall_seconds": 10.0,
                "images_per_second": img_s, "best_ckpt": str(folder / "checkpoints" / "best.ckpt"), "run_dir": str(folder)}
     (folder / "summary.json").write_text(json.dumps(summary))
     return summary
@@ -74,7 +74,7 @@ def test_measure_then_report_one_row_per_run(tmp_path, capsys):
     for r in rows:
         s = expected[r["conv_mode"]]
         assert int(r["params"]) == s["params"] and int(r["macs"]) == s["macs"]
-        assert float(r["val_acc"]) == pytest.approx(s["best_val_acc"])
+        assert float(r["val_acc"]) == pytest.approx(s["final_val_acc"])  # not the best epoch's
         assert float(r["train_img_s"]) == pytest.approx(s["images_per_second"])
         assert float(r["latency_b1_ms"]) > 0 and float(r["latency_b64_ms"]) > float(r["latency_b1_ms"])
         assert r["model"] == "mobilenet_v1" and r["seed"] == "0" and r["epochs"] == "2" and r["latency_threads"] == "1"
@@ -109,7 +109,7 @@ def test_seeds_stay_rows_append_replaces_and_recipe_differences_are_flagged(tmp_
 
     # a re-measured run replaces its row in place; a new run is added at the end
     summary = json.loads((sweep / "0" / "summary.json").read_text())
-    (sweep / "0" / "summary.json").write_text(json.dumps(dict(summary, best_val_acc=0.52)))
+    (sweep / "0" / "summary.json").write_text(json.dumps(dict(summary, final_val_acc=0.52)))
     fake_run(tmp_path / "more" / "2", "full", seed=0, val_acc=0.70, lr=0.1, checkpoint=False)  # another lr
     assert main(["measure", str(sweep / "0"), str(tmp_path / "more"), "--append", str(csv_path), "--no-latency"]) == 0
     assert "warning: the runs differ" in capsys.readouterr().err

@@ -42,6 +42,15 @@ def test_a_probe_that_needed_the_fallback_passes_it_on():
     assert job.extra == ["trainer.precision=32-true"]
 
 
+def test_a_measured_epoch_time_replaces_the_probe():
+    from tools.gpu_schedule import static_speed
+
+    args = SimpleNamespace(**dict(vars(ARGS), epoch_seconds=4.0, startup_seconds=60.0))
+    speed = static_speed(job := make_job("mobilenet_v2"), args)
+    assert speed["seconds_per_batch"] * 176 == 4.0 and speed["startup_seconds"] == 60.0
+    assert plan(job, speed, 300.0, args) is None and job.epochs == int(240 / 4.8)  # 4.0 s times the 1.2 safety factor
+
+
 def test_probe_run_and_report_on_tiny_data(tmp_path):
     tree = make_imagefolder(tmp_path / "tree")
     tiny = ("model.width=0.25 data.val_size=20 data.batch_size=16 data.eval_batch_size=32 trainer.accelerator=cpu "

@@ -18,6 +18,13 @@ JOB is a job of tools/recipes.sh (a shipped entry or an ablation run), in priori
    counts as unfinished; the caller still packs everything that finished.
 
 The decisions and the probe's figures go to <runs>/schedule.json and a table on stdout.
+
+`--epoch-seconds S` skips the probe and plans every job at S seconds an epoch (plus
+`--startup-seconds`): the probe can misjudge. On a lent H200 (2026-11-27) 20 probes started over
+~30 s, so many timed their epoch while others were still starting; the runs then shared the GPU
+by time-slicing (no MPS) and every model took 12.5-12.8 s an epoch with 7 runs at once, against the
+probe's 4-6 s, and four entries were stopped by the deadline. With 3 runs at once an epoch took
+3.2-4.0 s (docs/recipe.md, "On a lent GPU").
 """
 
 from __future__ import annotations
@@ -154,6 +161,14 @@ def estimate(job: Job, speed: dict, args, epochs: int) -> float:
     return speed["startup_seconds"] + epochs * steps * speed["seconds_per_batch"] * SAFETY
 
 
+def static_speed(job: Job, args) -> dict:
+    """--epoch-seconds: the same measured epoch time for every model (per-step overhead, not the
+    model, sets a GPU run's speed when several share the GPU)."""
+    steps = math.ceil(args.train_images / int(setting(job.args + args.extra, "data.batch_size") or 256))
+    return {"job": job.name, "seconds_per_batch": args.epoch_seconds / steps, "fallback": [],
+            "startup_seconds": args.startup_seconds}
+
+
 def plan(job: Job, speed: dict | None, left: float, args) -> str | None:
     """Fit `job` into `left` seconds (may shorten a bare entry's epochs); a reason when it cannot run."""
     if speed is None:
@@ -176,7 +191,12 @@ def schedule(specs: list[str], args) -> list[Job]:
     jobs = [make_job(spec) for spec in specs]
     t0 = time.time()
     deadline = t0 + args.budget if args.budget else math.inf
-    speeds = probe(jobs, args, args.runs.parent / (args.runs.name + "_probe")) if args.budget else {}
+    if args.budget and args.epoch_seconds:
+        speeds = {job.probe_key: static_speed(job, args) for job in jobs}
+    elif args.budget:
+        speeds = probe(jobs, args, args.runs.parent / (args.runs.name + "_probe"))
+    else:
+        speeds = {}
     print(f"== probe: {time.time() - t0:.0f} s", flush=True)
     queue = list(jobs)
     running: list[Job] = []
@@ -238,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stretch", type=float, default=1.0, help="a bare entry may run up to its recipe's epochs times this")
     parser.add_argument("--min-fraction", type=float, default=0.5, help="an entry runs only if this share of its epochs fits")
     parser.add_argument("--train-images", type=int, default=45_000, help="training images an epoch (CIFAR less the validation split)")
+    parser.add_argument("--epoch-seconds", type=float, default=0, help="plan with this epoch time instead of probing")
+    parser.add_argument("--startup-seconds", type=float, default=60, help="with --epoch-seconds: a run's start-up")
     parser.add_argument("--probe-batches", type=int, default=30)
     parser.add_argument("--probe-timeout", type=float, default=150)
     parser.add_argument("--extra", default="", help="overrides for every run, one string")

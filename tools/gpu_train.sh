@@ -14,7 +14,8 @@
 #             BUDGET=460 tools/gpu_train.sh train se_resnet20 resnet56 ablation.mobilenet_v1.w0_5.full.s0 ...
 #             It decodes the data into CIFAR batch files (same validation split as the PNG tree),
 #             installs the wheels and hands the jobs, in priority order, to tools/gpu_schedule.py:
-#             with BUDGET (seconds) it probes every model's speed under load, runs LANES (14) jobs at
+#             with BUDGET (seconds) it probes every model's speed under load (or plans with
+#             EPOCH_SECONDS, measured: ~4.5 at 3 runs at once on an H200), runs LANES (3) jobs at
 #             a time, fits each bare entry's epochs (up to the recipe's times STRETCH) into the time left, and kills what is still running
 #             at the end, so the call ends in time. Then it keeps each finished run's final weights'
 #             EMA with its config, summary and metrics (tools/slim_runs.py, matrices as fp16; an
@@ -61,7 +62,8 @@ train)
     $PY -m tools.pack_cifar --from-webp $GPU_DIR/p* --out $DATA_ROOT >/dev/null || exit 2
   fi
   # cudnn.benchmark: every batch has one shape, so the fastest convolution algorithm is worth finding once
-  $PY -m tools.gpu_schedule --runs "$RUNS/gpu" --data-root "$DATA_ROOT" --budget "${BUDGET:-0}" --lanes "${LANES:-14}" --stretch "${STRETCH:-1}" \
+  $PY -m tools.gpu_schedule --runs "$RUNS/gpu" --data-root "$DATA_ROOT" --budget "${BUDGET:-0}" --lanes "${LANES:-3}" --stretch "${STRETCH:-1}" \
+    --epoch-seconds "${EPOCH_SECONDS:-0}" \
     --extra "+trainer.benchmark=true ${EXTRA:-}" "$@"
   rm -rf "$RUNS"/gpu/ablation.*/checkpoints
   $PY -m tools.slim_runs --half "$RUNS/gpu" || exit 1

@@ -65,7 +65,8 @@ def run_row(run: Run, latency: dict[int, Timing] | None = None, threads: int | N
         "model": cfg.get("name"), "width": cfg.get("width", 1.0), "stem": cfg.get("stem"), "conv_mode": run.conv_mode,
         "pointwise_kernel_size": run.k if run.conv_mode == "pointwise_kxk" else None,
         "epochs": s.get("epochs"), "seed": run.seed, "params": s.get("params"), "macs": s.get("macs"),
-        "val_acc": s.get("best_val_acc"), "test_acc": s.get("test_acc"),
+        # the final weights (their EMA), as shipped: the best epoch would be chosen on this very split
+        "val_acc": s.get("final_val_acc", s.get("best_val_acc")), "test_acc": s.get("test_acc"),
         "train_img_s": round(float(s["images_per_second"]), 1) if s.get("images_per_second") else None,
         "recipe": recipe(run), "note": "", "run_dir": str(run.folder),
     }

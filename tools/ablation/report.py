@@ -210,7 +210,8 @@ def write_report(rows: Sequence[dict[str, Any]], csv_path: Path, out: Path, plot
         "",
         "- **params, mult-adds**: each run's summary.json (`models.profile`, one 3x32x32 image; mult-adds = FLOPs / 2 "
         "of convolutions and linear layers).",
-        "- **val acc**: best validation accuracy of a run; rows average the seeds of one architecture and schedule "
+        "- **val acc**: validation accuracy of a run's final weights (their EMA; runs measured before "
+        "2026-11-27 and the 2-epoch rows: the best epoch's); rows average the seeds of one architecture and schedule "
         "(mean ± sample std, n). Each run's own value is in the CSV.",
         "- **train img/s**: training throughput the pipeline measured during the run (median over seeds); the runs "
         "shared the machine with other jobs, so compare it loosely.",
