@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,20 @@ from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md
 SHAPES = [(64, 32), (1, 224)]
 
 
-def cifar_split(data_root: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float images and labels of the training or validation split, as train.py carves them."""
+def cifar_split(data_root: str, split: str, limit: int | None = None, overrides: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float images and labels of the training or validation split, as train.py carves them
+    (`overrides`: more train.py config overrides, e.g. a test's data.val_size)."""
     from training.config import to_plain
-    from training.data import CifarDataModule
+    from training.data import CifarDataModule, normalize, normalizer
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        cfg = to_plain(compose("train", [f"data.root={data_root}", "run_dir=."]))
+        cfg = to_plain(compose("train", [f"data.root={data_root}", "run_dir=.", *overrides]))
     dm = CifarDataModule(cfg["data"], seed=0)
     dm.setup()
     images, labels = dm.splits[split]
     images, labels = images[:limit], labels[:limit]
-    mean, std = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std, labels
+    return normalize(images, *normalizer(dm.mean, dm.std)), labels  # as eval.py's loader normalises
 
 
 @torch.inference_mode()

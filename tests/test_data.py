@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import CIFAR10_CLASSES, make_imagefolder
+from conftest import CIFAR10_CLASSES, compose_config, make_imagefolder
 from training.data import (
     CifarDataModule,
     DeviceBatchLoader,
@@ -25,6 +25,7 @@ from training.data import (
     load_cached,
     stratified_split,
 )
+from training.config import to_plain
 from training.errors import DataError
 
 
@@ -293,3 +294,25 @@ def test_unreadable_cifar_file_is_named(tmp_path, cifar_root):
     cfg = data_cfg(root, tmp_path / "cache")
     with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR batch file"):
         load_cached(cfg, find_source(cfg, "train"))
+
+
+
+
+def test_eval_loader_and_int8_tools_normalise_bit_identically(tmp_path):
+    # int8 accuracy on a card (benchmarks.int8) and eval.py eval.int8=true must see the same inputs:
+    # two roundings of (x/255 - mean)/std moved an int8 model's accuracy by 0.2 points
+    from benchmarks.int8 import cifar_split
+    from training.data import DeviceBatchLoader, normalize, normalizer
+
+    tree = make_imagefolder(tmp_path / "tree")
+    small = ["data.val_size=20", f"data.cache_dir={tmp_path / 'cache'}"]
+    images, labels = cifar_split(str(tree), "val", overrides=small)
+    dm = CifarDataModule(to_plain(compose_config("train", [f"data.root={tree}", "run_dir=.", *small]))["data"], seed=0)
+    dm.setup()
+    uint8, val_labels = dm.splits["val"]
+    loader = DeviceBatchLoader(uint8, val_labels, 7, dm.mean, dm.std, train=False)  # eval.py's batches
+    through_loader = torch.cat([x for x, _ in loader])
+    assert torch.equal(labels, val_labels) and torch.equal(images, through_loader)
+    assert torch.equal(through_loader, normalize(uint8, *normalizer(dm.mean, dm.std)))
+    mean, std = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, (uint8.float() / 255 - mean) / std)  # the same function, rounded differently
