@@ -54,7 +54,7 @@ def test_the_shell_scripts_call_the_tools_as_modules():
 
 
 def test_time_to_accuracy_table_reads_every_card_and_the_peers():
-    from tools.export_weights import PUBLISHED
+    from tools.export_weights import PUBLISHED, total_budget
     from tools.model_table import time_to_accuracy
 
     import models
@@ -64,9 +64,45 @@ def test_time_to_accuracy_table_reads_every_card_and_the_peers():
     assert sorted(rows) == sorted(models.list_pretrained())
     for entry, line in rows.items():
         meta = models.pretrained_meta(entry)
-        assert f"{meta['val_acc']:.2f}%" in line and f"| {meta['recipe']['epochs']} |" in line
+        assert f"{meta['val_acc']:.2f}%" in line and f"| {total_budget(meta['recipe'])[0]} |" in line
         peer = PUBLISHED.get(entry)
         assert (f"{peer.acc} ({peer.epochs} ep" in line) if peer else line.rstrip().endswith("| - |")
+
+
+def test_a_second_stage_card_counts_both_stages(tmp_path):
+    # a GPU run stopped at its deadline (EMA weights, metrics, no summary), finished on the CPU with
+    # init_weights=<its checkpoint>: the card names both stages and the table adds them up
+    import torch
+    import yaml
+
+    from tools.export_weights import first_stage, model_card, total_budget
+
+    run = tmp_path / "runs" / "gpu" / "xception_small"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / "csv" / "version_0").mkdir(parents=True)
+    torch.save({"epoch": 30, "ema_state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 46, "precision": "auto"}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=xception_small", "trainer.max_epochs=46"]))
+    (run / "csv" / "version_0" / "metrics.csv").write_text(
+        "epoch,train/epoch_seconds,val/acc\n0,40.5,\n0,,0.5\n1,12.5,\n1,,0.6\n")
+    first = first_stage(run / "checkpoints" / "last.ckpt", "NVIDIA H200")
+    assert first["epochs"] == 31 and first["scheduled_epochs"] == 46 and first["train_seconds"] == 53.0
+    assert first["command"] == "python train.py model=xception_small trainer.max_epochs=46" and first["hardware"] == "NVIDIA H200"
+    recipe = {"epochs": 4, "wall_seconds": 3600.0, "hardware": "a 2-core CPU", "started_from": first}
+    assert total_budget(recipe) == ("31 + 4", 3653.0, "NVIDIA H200, then a 2-core CPU")
+    assert total_budget(dict(recipe, started_from=None)) == ("4", 3600.0, "a 2-core CPU")
+    card = models_card_fixture(recipe)
+    text = model_card(card)
+    assert "| epochs | 31 + 4 |" in text and "First 31 of a 46-epoch schedule on NVIDIA H200" in text
+
+
+def models_card_fixture(recipe: dict) -> dict:
+    import models
+
+    card = dict(models.pretrained_meta("resnet20"))
+    card.pop("int8", None)
+    return dict(card, recipe=dict(card["recipe"], **recipe), notes="")
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -15,6 +15,7 @@ hardware, file size and sha256. Also writes the model card docs/model_cards/<ent
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, help="data.root for the validation measurement")
     parser.add_argument("--hardware", default=this_machine(), help="where the run trained (default: this machine, %(default)s)")
     parser.add_argument("--notes", default="", help="a sentence on what this budget reached")
+    parser.add_argument("--init-hardware", default="unknown",
+                        help="where the run the weights started from trained (a run with init_weights=<that run's checkpoint>)")
     parser.add_argument("--card-only", action="store_true", help="rewrite docs/model_cards/<entry>.md from the card")
     args = parser.parse_args()
     if args.card_only:
@@ -161,6 +164,8 @@ def main() -> None:
         },
         "notes": args.notes,
     }  # fmt: skip
+    if config.get("init_weights"):  # a second stage: the card says what the first one was
+        card["recipe"]["started_from"] = first_stage(Path(config["init_weights"]), args.init_hardware)
     teacher = ((config.get("distill") or {}).get("teacher") or {}).get("name")
     if teacher:  # distilled from cached teacher logits (train.py distill.logits=...)
         card["teacher"] = teacher
@@ -189,10 +194,43 @@ def main() -> None:
     print(f"{entry}: val top-1 {card['val_acc']}% ({card['dtype']}, {card['file_size'] / 1e6:.2f} MB) -> {file}")
 
 
+def first_stage(weights: Path, hardware: str) -> dict:
+    """What trained the weights a run started from (`init_weights`): their run's command, the epochs it
+    finished of the ones it scheduled, and its training seconds (from its metrics: it may have been
+    stopped before writing a summary)."""
+    run = weights.parents[1]  # <run>/checkpoints/last.ckpt
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if (run / ".hydra" / "overrides.yaml").is_file() else []
+    seconds = 0.0
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            seconds += sum(float(r["train/epoch_seconds"]) for r in csv.DictReader(f) if r.get("train/epoch_seconds"))
+    return {"weights": repo_relative(str(weights)), "command": "python train.py " + " ".join(repo_relative(o) for o in overrides),
+            "epochs": int(load_checkpoint(str(weights))["epoch"]) + 1, "scheduled_epochs": config["trainer"]["max_epochs"],
+            "train_seconds": round(seconds, 1), "hardware": hardware,
+            "precision": config["trainer"].get("precision")}
+
+
+def total_budget(recipe: dict) -> tuple[str, float, str]:
+    """(epochs, seconds, hardware) of the whole training, both stages of a run started from another's weights."""
+    first = recipe.get("started_from")
+    if not first:
+        return str(recipe["epochs"]), recipe["wall_seconds"], recipe["hardware"]
+    return (f"{first['epochs']} + {recipe['epochs']}", first["train_seconds"] + recipe["wall_seconds"],
+            f"{first['hardware']}, then {recipe['hardware']}")
+
+
 def budget_note(card: dict) -> str:
     r = card["recipe"]
-    note = (f"**Budget.** {r['epochs']} epochs in {r['wall_seconds'] / 3600:.2f} h on {r['hardware']}: what the project's "
-            f"default recipe reaches in that budget.")
+    first = r.get("started_from")
+    if first:
+        note = (f"**Budget.** Two stages. First {first['epochs']} of a {first['scheduled_epochs']}-epoch schedule on "
+                f"{first['hardware']} ({first['train_seconds'] / 60:.1f} min of training, `{first['command']}`), "
+                f"stopped there; its final weights' EMA then started a new {r['epochs']}-epoch cosine on {r['hardware']} "
+                f"({r['wall_seconds'] / 3600:.2f} h).")
+    else:
+        note = (f"**Budget.** {r['epochs']} epochs in {r['wall_seconds'] / 3600:.2f} h on {r['hardware']}: what the project's "
+                f"default recipe reaches in that budget.")
     peer = PUBLISHED.get(card["entry"])
     if peer:
         note += f" For scale, the published CIFAR-10 test accuracy of this architecture is {peer.acc} after {peer.epochs} GPU epochs ({peer.source})."
@@ -224,8 +262,8 @@ def model_card(card: dict) -> str:
 | mult-adds (32x32) | {card['macs']:,} |
 | **validation top-1** | **{card['val_acc']}%** (top-5 {card['val_top5']}%, loss {card['val_loss']}) |
 | validation split | {card['val_split']['size']:,} images, stratified, seed {card['val_split']['seed']}, {card['val_split']['carved_from']} |
-| epochs | {r['epochs']} |
-| wall time | {r['wall_seconds'] / 60:.1f} min on {r['hardware']} |
+| epochs | {total_budget(r)[0]} |
+| wall time | {total_budget(r)[1] / 60:.1f} min on {total_budget(r)[2]} |
 | training throughput | {r['train_images_per_second']:.0f} img/s |
 {f"| teacher | distilled from {card['teacher']} |{chr(10)}" if card.get('teacher') else ""}| weights | `models/weights/{card['file']}`, {card['dtype']}, {card['file_size'] / 1e6:.2f} MB |
 | sha256 | `{card['sha256']}` |

@@ -58,14 +58,15 @@ def row(name: str, speed: dict[str, float]) -> list[str]:
 def time_to_accuracy() -> str:
     """Per shipped entry: the budget its card records (epochs, wall time, hardware) and the
     validation accuracy it bought, next to what the CIFAR model repos publish for the architecture."""
-    from tools.export_weights import PUBLISHED
+    from tools.export_weights import PUBLISHED, total_budget
 
     rows = []
     for entry in models.list_pretrained():
         meta = models.pretrained_meta(entry)
         recipe, peer = meta["recipe"], PUBLISHED.get(entry)
+        epochs, seconds, hardware = total_budget(recipe)
         rows.append([
-            f"`{entry}`", str(recipe["epochs"]), f"{recipe['wall_seconds'] / 3600:.2f} h", recipe["hardware"],
+            f"`{entry}`", epochs, f"{seconds / 3600:.2f} h", hardware,
             f"{meta['val_acc']:.2f}%", f"{peer.acc} ({peer.epochs} ep; {peer.source})" if peer else "-",
         ])
     return md_table(["entry", "epochs", "wall time", "hardware", "val acc (card)", "published test acc (epochs; source)"],
