@@ -29,15 +29,9 @@ def test_packed_files_read_back_as_the_same_split(tmp_path):
         assert torch.equal(a.splits[split][0], b.splits[split][0]) and torch.equal(a.splits[split][1], b.splits[split][1])
 
 
-def test_pack_cifar_runs_as_a_module(tmp_path):
-    tree = make_imagefolder(tmp_path / "tree")
-    out = subprocess.run([sys.executable, "-m", "tools.pack_cifar", str(tree), str(tmp_path / "packed")], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    assert "data_batch_5" in out and (tmp_path / "packed" / "cifar-10-batches-py" / "batches.meta").is_file()
-
-
 def test_webp_parts_decode_to_the_same_batch_files(tmp_path):
     # what the GPU calls carry: lossless mosaics in two folders, decoded there into the batch files
+    # (through the command line, as tools/gpu_train.sh prepare runs it)
     tree = make_imagefolder(tmp_path / "tree", splits=("train", "test"))
     pack(tree, tmp_path / "packed")
     out = subprocess.run([sys.executable, "-m", "tools.pack_cifar", str(tree), str(tmp_path / "gpu"), "--webp", "2"], cwd=REPO,
@@ -56,11 +50,10 @@ def test_webp_parts_decode_to_the_same_batch_files(tmp_path):
 def test_a_missing_webp_part_is_named(tmp_path):
     import pytest
 
-    from tools.pack_cifar import from_webp
+    from tools.pack_cifar import from_webp, to_webp
 
-    tree = make_imagefolder(tmp_path / "tree")
-    subprocess.run([sys.executable, "-m", "tools.pack_cifar", str(tree), str(tmp_path / "gpu"), "--webp", "2"], cwd=REPO, check=True,
-                   capture_output=True)
+    pack(make_imagefolder(tmp_path / "tree"), tmp_path / "packed")
+    to_webp(tmp_path / "packed" / "cifar-10-batches-py", [tmp_path / "gpu" / "p1", tmp_path / "gpu" / "p2"])
     with pytest.raises(SystemExit, match="carry every part folder"):
         from_webp([tmp_path / "gpu" / "p1"], tmp_path / "decoded")
     with pytest.raises(SystemExit, match="carry the folder that has it"):

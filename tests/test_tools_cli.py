@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.teacher_logits", "tools.ablation", "tools.model_table",
-           "benchmarks.train_speed", "benchmarks.data_loading"]
+           "tools.pack_cifar", "tools.gpu_schedule", "tools.slim_runs", "benchmarks.train_speed", "benchmarks.data_loading"]
 
 
 def test_no_file_in_tools_or_benchmarks_edits_sys_path():

@@ -427,3 +427,13 @@ def test_init_weights_that_do_not_fit_or_do_not_exist_are_named(compose_train, t
     torch.save(models.create_model("resnet20", width=0.5).state_dict(), other)
     with pytest.raises(ConfigError, match="does not fit the model of this run"):
         train(compose_train("trainer.max_epochs=1", f"init_weights={other}", run_dir=tmp_path / "b"))
+
+
+@pytest.mark.parametrize("error", [ConfigError, DataError, CheckpointError, NonFiniteLossError])
+def test_every_user_error_exits_with_its_message(error, capsys):
+    # what train.py and eval.py wrap their work in (the CLI tests run two of these end to end)
+    from training.errors import EXIT_USER_ERROR, exit_on_user_error
+
+    with pytest.raises(SystemExit) as done, exit_on_user_error():
+        raise error("the problem, and the fix")
+    assert done.value.code == EXIT_USER_ERROR and "error: the problem, and the fix" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, cifar_root):
 
 
 def test_a_killed_run_resumed_ends_like_one_that_ran_through(tmp_path, imagefolder_root):
-    epochs = ["trainer.max_epochs=12"]
+    epochs = ["trainer.max_epochs=6"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(run_script("train.py", *cli_overrides(imagefolder_root, straight, tmp_path / "cache"), *epochs))
 
@@ -97,7 +97,7 @@ def test_a_killed_run_resumed_ends_like_one_that_ran_through(tmp_path, imagefold
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "summary.json").exists()
     epoch_at_kill = load_checkpoint(last)["epoch"]
-    assert epoch_at_kill < 11
+    assert epoch_at_kill < 5
 
     ok(run_script("train.py", *cli_overrides(imagefolder_root, killed, tmp_path / "cache"), *epochs, f"ckpt_path={last}"))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
@@ -131,17 +131,13 @@ def test_unknown_names_list_the_options(tmp_path, override, expected):
 
 
 def test_bad_inputs_exit_with_a_message_not_a_traceback(tmp_path, imagefolder_root):
+    # one failure of each script through its real wrapper (training.errors.exit_on_user_error handles
+    # every UserError the same way); the other messages are checked in-process (test_train.py, test_eval.py)
     base = cli_overrides(imagefolder_root, tmp_path / "run", tmp_path / "cache")
     missing = failed_cleanly(run_script("train.py", *base, f"data.root={tmp_path / 'nope'}", "data.download=false"))
     assert "does not exist" in missing and "<root>/train/<class>/*.png" in missing and "data.download=true" in missing
-
-    bad_name = failed_cleanly(run_script("train.py", *base, "model.name=resnet21"))
-    assert "valid models:" in bad_name
 
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00" * 100)
     corrupt = failed_cleanly(run_script("eval.py", f"ckpt_path={garbage}", f"hydra.run.dir={tmp_path / 'e'}"))
     assert str(garbage) in corrupt and "corrupt" in corrupt
-
-    nan = failed_cleanly(run_script("train.py", *base, "optim.lr=1e30"))
-    assert "loss became nan" in nan and "Lower optim.lr" in nan
