@@ -33,11 +33,13 @@ def train_speed(path: str | None) -> dict[str, float]:
 
 
 def pretrained_cell(name: str) -> str:
+    from tools.export_weights import total_budget
+
     cells = []
     for entry in models.list_pretrained():
         meta = models.pretrained_meta(entry)
         if meta["model"] == name:
-            epochs = meta["recipe"]["epochs"]
+            epochs = total_budget(meta["recipe"])[0]  # both stages of a run started from another's weights
             label = f"w{meta['build']['width']:g}: " if meta["build"]["width"] != 1.0 else ""
             cells.append(f"{label}[{meta['val_acc']:.2f}%](docs/model_cards/{entry}.md) ({epochs} ep)")
     return "<br>".join(cells) or "-"
