@@ -135,9 +135,9 @@ def probe(jobs: list[Job], args, probe_dir: Path) -> dict[str, dict]:
         start = time.time()
         for key, job in todo:
             run = probe_dir / f"{job.name}{'.fallback' if attempt else ''}"
-            short = ["trainer.max_epochs=2", f"trainer.limit_train_batches={args.probe_batches}", "trainer.limit_val_batches=2",
+            short = [f"trainer.limit_train_batches={args.probe_batches}", "trainer.limit_val_batches=2",
                      "trainer.num_sanity_val_steps=0", "logger=csv"]
-            cmd = command(override(job.args, "trainer.max_epochs", 2) + short[1:], run, args.data_root, fallback + args.extra)
+            cmd = command(override(job.args, "trainer.max_epochs", 2) + short, run, args.data_root, fallback + args.extra)
             procs.append((key, job, run, launch(cmd, run)))
         for key, job, run, proc in procs:
             try:
@@ -150,6 +150,7 @@ def probe(jobs: list[Job], args, probe_dir: Path) -> dict[str, dict]:
                       flush=True)
                 continue
             per_batch = seconds / args.probe_batches
+            # measured when this probe is collected, which may be after it ended: an upper bound
             results[key] = {"job": job.name, "seconds_per_batch": per_batch, "fallback": fallback,
                             "startup_seconds": max(0.0, time.time() - start - 2 * seconds)}
     return results
