@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 
 from conftest import REPO, make_imagefolder
+
 from tools.gpu_schedule import make_job, plan
 
 ARGS = SimpleNamespace(extra=[], train_images=45_000, min_fraction=0.5, stretch=1.0)
@@ -59,7 +60,7 @@ def test_probe_run_and_report_on_tiny_data(tmp_path):
         [sys.executable, "-m", "tools.gpu_schedule", "--runs", str(tmp_path / "gpu"), "--data-root", str(tree), "--budget", "400",
          "--lanes", "2", "--train-images", "60", "--probe-batches", "2", "--poll", "0.5", "--extra", tiny,
          "resnet20:1", "resnet20:100000"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "gpu" / "schedule.json").read_text())
     status = {r["job"] + ":" + str(r["epochs"]): r["status"] for r in report["jobs"]}

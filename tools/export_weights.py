@@ -15,7 +15,6 @@ hardware, file size and sha256. Also writes the model card docs/model_cards/<ent
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 import models
 from benchmarks.common import cpu_name
 from models.pretrained import WEIGHTS_DIR, sha256_of
+from training.callbacks import logged_epoch_seconds
 from training.checkpoints import load_checkpoint, model_state_dict
 from training.models import build_model
 from training.evaluate import evaluate
@@ -201,10 +201,7 @@ def first_stage(weights: Path, hardware: str) -> dict:
     run = weights.parents[1]  # <run>/checkpoints/last.ckpt
     config = yaml.safe_load((run / "config.yaml").read_text())
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if (run / ".hydra" / "overrides.yaml").is_file() else []
-    seconds = 0.0
-    for path in sorted(run.glob("csv/version_*/metrics.csv")):
-        with open(path, newline="") as f:
-            seconds += sum(float(r["train/epoch_seconds"]) for r in csv.DictReader(f) if r.get("train/epoch_seconds"))
+    seconds = sum(logged_epoch_seconds(run))
     return {"weights": repo_relative(str(weights)), "command": "python train.py " + " ".join(repo_relative(o) for o in overrides),
             "epochs": int(load_checkpoint(str(weights))["epoch"]) + 1, "scheduled_epochs": config["trainer"]["max_epochs"],
             "train_seconds": round(seconds, 1), "hardware": hardware,

@@ -30,7 +30,6 @@ probe's 4-6 s, and four entries were stopped by the deadline. With 3 runs at onc
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -63,7 +62,7 @@ class Job:
 
 def recipe_args(job: str) -> list[str]:
     done = subprocess.run(["bash", "-c", '. tools/recipes.sh && recipe_for "$1"', "_", job], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(done.stderr.strip() or f"unknown job '{job}'")
     return shlex.split(done.stdout)
@@ -112,11 +111,10 @@ def kill(proc: subprocess.Popen) -> None:
 
 def epoch_seconds(run: Path) -> float | None:
     """The second probe epoch's training seconds (the first pays for start-up and autotuning)."""
-    rows = []
-    for path in sorted(run.glob("csv/version_*/metrics.csv")):
-        with open(path, newline="") as f:
-            rows += [r for r in csv.DictReader(f) if r.get("train/epoch_seconds")]
-    return float(rows[-1]["train/epoch_seconds"]) if len(rows) >= 2 else None
+    from training.callbacks import logged_epoch_seconds
+
+    seconds = logged_epoch_seconds(run)
+    return seconds[-1] if len(seconds) >= 2 else None
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -243,7 +241,7 @@ def report(jobs: list[Job], speeds: dict, args, wall: float) -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "schedule.json").write_text(json.dumps({"budget": args.budget, "lanes": args.lanes, "wall_seconds": round(wall, 1),
                                                          "probes": list(speeds.values()), "jobs": rows}, indent=2) + "\n")
-    print(f"\n| job | epochs | status | s | final val acc | probe ms/batch |\n|---|---:|---|---:|---:|---:|")
+    print("\n| job | epochs | status | s | final val acc | probe ms/batch |\n|---|---:|---|---:|---:|---:|")
     for r in rows:
         acc = f"{100 * r['final_val_acc']:.2f}" if r["final_val_acc"] is not None else ""
         print(f"| {r['job']} | {r['epochs']} | {r['status']} | {r['seconds'] or ''} | {acc} | {r['probe_ms_per_batch'] or ''} |")

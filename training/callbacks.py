@@ -72,6 +72,19 @@ class ThroughputMeter(L.Callback):
         self.prior_seconds = float(state.get("fit_seconds", 0.0))
 
 
+def logged_epoch_seconds(run_dir) -> list[float]:
+    """The `train/epoch_seconds` ThroughputMeter logged, epoch by epoch, from a run's CSV logs (every
+    resumed leg's version): what a run stopped before its summary still tells about its speed."""
+    import csv
+    from pathlib import Path
+
+    seconds = []
+    for path in sorted(Path(run_dir).glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            seconds += [float(r["train/epoch_seconds"]) for r in csv.DictReader(f) if r.get("train/epoch_seconds")]
+    return seconds
+
+
 class WeightEMA(L.Callback):
     """Exponential moving average of the model's weights *and* its BN running statistics.
 
