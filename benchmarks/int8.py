@@ -1,15 +1,16 @@
 """int8 against float32 on the CPU, for every shipped entry: latency, size and validation accuracy.
 
     python -m benchmarks.int8 --data-root ../shared/data/cifar10 [--entries resnet20 ...] [--threads 2] [--out outputs/bench_int8]
-        [--method minmax|percentile|entropy] [--float-layers none|first|last|ends] [--accuracy-only] [--update-cards]
+        [--method minmax|percentile|entropy] [--weight-type int8|uint8] [--float-layers none|first|last|ends]
+        [--accuracy-only] [--update-cards]
 
 Per entry (its shipped weights): float32 eager, `models.fuse` float32 and `models.quantize` int8
 (calibrated on the first --calib training images, never the validation split), timed interleaved
 (`benchmarks.common.bench`, medians) at batch 1 x 224 x 224 and batch 64 x 32 x 32; file size of the
 float32 weights and of the int8 ONNX file; top-1 on the 5,000-image validation split for float32
 and int8. Without --data-root the accuracy columns are skipped. --update-cards writes each entry's
-int8 accuracy and calibration method into its card, where `models.quantize` and `eval.py
-eval.int8=true` find the method.
+int8 accuracy, calibration method and weight type into its card, where `models.quantize` and
+`eval.py eval.int8=true` find them.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
     fused = models.fuse(model)
     calib = calib if calib is not None else torch.randn(args.calib, 3, 32, 32)
     # only the options given, so models.quantize's defaults are what a bare run measures
-    options = {"threads": args.threads, **{k: v for k, v in (("method", args.method), ("float_layers", args.float_layers)) if v}}
+    given = (("method", args.method), ("weight_type", args.weight_type), ("float_layers", args.float_layers))
+    options = {"threads": args.threads, **{k: v for k, v in given if v}}
     if args.float_layers == "none":  # every layer in int8
         options["float_layers"] = None
     q32 = models.quantize(model, calib, **options)
     row = {"entry": entry, "method": options.get("method") or models.int8.default_method(model),
+           "weight_type": options.get("weight_type") or models.int8.default_weight_type(model),
            "float_layers": options.get("float_layers", "first"), "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
            "int8_bytes": q32.size_bytes}
     for batch, size in [] if args.accuracy_only else SHAPES:
@@ -79,8 +82,9 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
 
 def update_card(row: dict, args) -> None:
     """Record what was measured in the entry's card (models/weights/<entry>.json, key "int8") and its
-    docs/model_cards page: `models.quantize` then calibrates these weights with this method by default
-    (models.int8.default_method). Re-exporting an entry drops the block: new weights, new measurement."""
+    docs/model_cards page: `models.quantize` then calibrates these weights with this method and
+    stores them with this weight type by default (models.int8.card_choice). Re-exporting an entry
+    drops the block: new weights, new measurement."""
     import datetime as dt
     import json
 
@@ -89,11 +93,13 @@ def update_card(row: dict, args) -> None:
     path = models.pretrained.WEIGHTS_DIR / f"{row['entry']}.json"
     card = json.loads(path.read_text())
     card["int8"] = {
-        "method": row["method"], "float_layers": row["float_layers"], "calibration_images": args.calib,
+        "method": row["method"], "weight_type": row["weight_type"], "float_layers": row["float_layers"],
+        "calibration_images": args.calib,
         "val_acc": round(100 * row["val_acc_int8"], 2), "val_acc_float32": round(100 * row["val_acc_float32"], 2),
         "command": " ".join(["python -m benchmarks.int8 --accuracy-only", f"--data-root {args.data_root}",
                              f"--calib {args.calib}", f"--entries {row['entry']}",
                              *([f"--method {args.method}"] if args.method else []),
+                             *([f"--weight-type {args.weight_type}"] if args.weight_type else []),
                              *([f"--float-layers {args.float_layers}"] if args.float_layers else [])]),
         "hardware": "; ".join(machine_info().split("; ")[:2]),  # the CPU and torch, not the load of the moment
         "measured_on": dt.date.today().isoformat(),
@@ -121,12 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--entries", nargs="+", default=None, help="shipped entries (default: all)")
     parser.add_argument("--calib", type=int, default=1024, help="training images used to calibrate")
     parser.add_argument("--method", default=None, choices=models.int8.METHODS, help="calibration method (default: models.quantize's)")
+    parser.add_argument("--weight-type", default=None, choices=models.int8.WEIGHT_TYPES,
+                        help="the weights' integer type, uint8: uint8 x uint8 products, no int16 saturation on CPUs "
+                             "without VNNI (default: models.quantize's)")
     parser.add_argument("--float-layers", default=None, choices=[f or "none" for f in models.int8.FLOAT_LAYERS],
                         help="layers kept in float32, none: every layer int8 (default: models.quantize's)")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the timings: sizes and accuracies (to compare quantize's options)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape and entry")
     parser.add_argument("--update-cards", action="store_true",
-                        help="write each entry's int8 accuracy and calibration method into its card (needs --data-root)")
+                        help="write each entry's int8 accuracy, calibration method and weight type into its card (needs --data-root)")
     return parser
 
 

@@ -2,12 +2,12 @@
 
 Route: the model (batch norms folded by `models.fuse`) is exported to ONNX, calibrated on images
 the caller gives (training images, never the validation split) and quantized by onnxruntime's
-static quantizer: int8 weights per output channel, uint8 activations, QDQ format, which
-onnxruntime's CPU kernels run as integer convolutions and matmuls; the stem conv stays float32
-unless asked otherwise (`quantize`'s `float_layers` says why). Chosen by measurement on the
-project's 2-core Xeon sandbox (docs/int8.md): PyTorch's own PT2E flow goes through
-`torch.compile`, whose minutes of compilation per model never paid off on this CPU, and eager
-`torch.ao.quantization` is deprecated.
+static quantizer: int8 weights per output channel (or uint8: `quantize`'s `weight_type`), uint8
+activations, QDQ format, which onnxruntime's CPU kernels run as integer convolutions and matmuls;
+the stem conv stays float32 unless asked otherwise (`quantize`'s `float_layers` says why).
+Chosen by measurement on the project's 2-core Xeon sandbox (docs/int8.md): PyTorch's own PT2E
+flow goes through `torch.compile`, whose minutes of compilation per model never paid off on this
+CPU, and eager `torch.ao.quantization` is deprecated.
 
 `quantize` returns an `Int8Model`: an nn.Module that takes the usual float NCHW batch (normalised
 as for the float model) and returns float logits, so evaluation code needs no change.
@@ -85,14 +85,32 @@ def _calibration_batches(calibration, max_images: int) -> list[np.ndarray]:
 METHODS = ("minmax", "percentile", "entropy")
 FLOAT_LAYERS = (None, "first", "last", "ends")
 DEFAULT_METHOD = "percentile"  # chosen by measurement on the shipped entries (docs/int8.md): 7 of 8 within 0.5 pts, minmax 5
+WEIGHT_TYPES = ("int8", "uint8")  # the weights' integer type; the activations are uint8 either way
+DEFAULT_WEIGHT_TYPE = "int8"  # also what a card without a weight type measured (cards before weight_type existed)
+
+
+def card_choice(model: nn.Module, option: str) -> str:
+    """What `quantize` uses for `option` ("method" or "weight_type") when not told: the choice a
+    shipped entry's card names (`create_model(entry, pretrained=True)` copies the card's int8 block
+    into `model.pretrained_cfg["int8_<option>"]`; written by `python -m benchmarks.int8
+    --update-cards`, the settings measured for those weights), else DEFAULT_METHOD or
+    DEFAULT_WEIGHT_TYPE."""
+    defaults = {"method": DEFAULT_METHOD, "weight_type": DEFAULT_WEIGHT_TYPE}
+    if option not in defaults:
+        raise ValueError(f"unknown int8 option {option!r}; valid options: {', '.join(defaults)}")
+    return (getattr(model, "pretrained_cfg", None) or {}).get(f"int8_{option}") or defaults[option]
 
 
 def default_method(model: nn.Module) -> str:
-    """The calibration method `quantize` uses when not told: the one a shipped entry's card names
-    (`create_model(entry, pretrained=True)` copies it into `model.pretrained_cfg["int8_method"]`;
-    written by `python -m benchmarks.int8 --update-cards`, the method measured best for those
-    weights), else DEFAULT_METHOD."""
-    return (getattr(model, "pretrained_cfg", None) or {}).get("int8_method") or DEFAULT_METHOD
+    """The calibration method `quantize` uses when not told (`card_choice(model, "method")`): the one
+    a shipped entry's card names, the method measured best for those weights, else DEFAULT_METHOD."""
+    return card_choice(model, "method")
+
+
+def default_weight_type(model: nn.Module) -> str:
+    """The weight type `quantize` uses when not told (`card_choice(model, "weight_type")`): the one a
+    shipped entry's card names, else DEFAULT_WEIGHT_TYPE ("int8")."""
+    return card_choice(model, "weight_type")
 
 
 class _Batches:
@@ -162,7 +180,8 @@ def _short_names(onnx_bytes: bytes) -> bytes:
 
 def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: str | None = None,
              max_images: int = 1024, threads: int | None = None, method: str | None = None,
-             percentile: float = 99.999, float_layers: str | None = "first", short_names: bool = True) -> Int8Model:
+             percentile: float = 99.999, float_layers: str | None = "first", short_names: bool = True,
+             weight_type: str | None = None) -> Int8Model:
     """Post-training static int8 quantization of `model` for CPU inference.
 
     calibration: training images as the model sees them (float, normalised, N x C x H x W), a
@@ -174,6 +193,14 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
         that keeps the int8 histogram closest to the float one in KL divergence). docs/int8.md has
         the accuracy of each per shipped entry; None: `default_method(model)`, the method of the
         shipped entry's card when the model was created with its weights, else DEFAULT_METHOD.
+    weight_type: the weights' integer type -- "int8" (uint8 activations times int8 weights, per
+        channel, symmetric) or "uint8" (uint8 x uint8, per channel, asymmetric). Why uint8: on CPUs
+        without AVX-512 VNNI onnxruntime multiplies uint8 by int8 with `vpmaddubsw`, which adds
+        pairs of products in int16 and saturates (see `float_layers`); its uint8 x uint8 kernels do
+        not (docs/int8.md: mobilenet_v3_small with percentile ranges lost 0.36 points with uint8
+        weights, 1.52 with int8). None: `default_weight_type(model)`, the weight type of the
+        shipped entry's card when the model was created with its weights, else "int8"
+        (DEFAULT_WEIGHT_TYPE).
     float_layers: keep "first" (the stem conv, the default), "last" (the classifier), "ends" (both)
         or None (nothing) in float32; the rest runs in int8. Why the stem: on CPUs without VNNI,
         onnxruntime multiplies uint8 activations by int8 weights with an instruction that adds
@@ -190,6 +217,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
     method = method or default_method(model)
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; valid methods: {', '.join(METHODS)}")
+    weight_type = weight_type or default_weight_type(model)
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unknown weight type {weight_type!r}; valid weight types: {', '.join(WEIGHT_TYPES)}")
     if float_layers not in FLOAT_LAYERS:
         raise ValueError(f"float_layers={float_layers!r}: choose None, 'first', 'last' or 'ends'")
     quantization = _require("onnxruntime.quantization")
@@ -200,6 +230,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
     calibrate_method = {"minmax": quantization.CalibrationMethod.MinMax,
                         "percentile": quantization.CalibrationMethod.Percentile,
                         "entropy": quantization.CalibrationMethod.Entropy}[method]
+    weights = {"int8": quantization.QuantType.QInt8, "uint8": quantization.QuantType.QUInt8}[weight_type]
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -208,7 +239,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print per batch
             quantization.quantize_static(
                 str(pre), str(int8), _Batches(batches), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                activation_type=quantization.QuantType.QUInt8, weight_type=weights,
                 calibrate_method=calibrate_method, nodes_to_exclude=_float_nodes(pre, float_layers),
                 # one batch at a time through the calibrator (see _Batches); it needs a stride dividing the count
                 extra_options={"CalibStridedMinMax": 1, "CalibPercentile": percentile},

@@ -80,8 +80,10 @@ def _cfg_from_card(meta: dict) -> dict:
         "num_classes": build.get("num_classes"),
         "stem": build.get("stem"),
         "dataset": meta.get("dataset"),
-        # how models.quantize calibrates these weights when not told (the card's measured choice, docs/int8.md)
-        **({"int8_method": meta["int8"]["method"]} if meta.get("int8") else {}),
+        # how models.quantize calibrates and stores these weights when not told (the card's measured
+        # choice, docs/int8.md; a card without a weight type was measured with int8 weights)
+        **({"int8_method": meta["int8"]["method"], "int8_weight_type": meta["int8"].get("weight_type", "int8")}
+           if meta.get("int8") else {}),
     }
 
 

@@ -156,6 +156,7 @@ def test_eval_int8_quantizes_after_loading_and_calibrates_on_training_images_onl
     report = run_eval(tmp_path, ckpt, "eval.int8=true", "eval.int8_calibration_images=24")
     assert report["int8"] and not float_report["int8"] and report["int8_calibration_images"] == 24
     assert report["int8_method"] == models.int8.DEFAULT_METHOD and report["split"] == "test" and report["num_images"] == 40
+    assert report["int8_weight_type"] == models.int8.DEFAULT_WEIGHT_TYPE == "int8"
     # the tiny model's int8 predictions mostly agree with its float ones (40 images: a loose bound)
     assert abs(report["top1"] - float_report["top1"]) <= 0.15
     assert "on (onnxruntime" in capsys.readouterr().out
@@ -170,28 +171,40 @@ def test_eval_int8_quantizes_after_loading_and_calibrates_on_training_images_onl
     assert torch.equal(((calibration * std + mean) * 255).round().to(torch.uint8), dm.splits["train"][0][:24])
 
 
-def test_eval_int8_of_pretrained_weights(tmp_path, monkeypatch, cifar_root):
+def test_eval_int8_of_pretrained_weights(tmp_path, monkeypatch, cifar_root, capsys):
     pytest.importorskip("onnxruntime")
     real = models.create_model
     monkeypatch.setattr(models, "create_model", lambda name, pretrained=False, **kwargs: real(name, **kwargs))
-    report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
-                      "data.val_size=20", "eval.int8=true", "eval.int8_calibration_images=16", "eval.int8_method=percentile")
+    asked, quantize = [], models.quantize
+
+    def spy(model, calibration, **options):
+        asked.append(options)
+        return quantize(model, calibration, **options)
+
+    monkeypatch.setattr(models, "quantize", spy)
+    options = ("model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}", "data.val_size=20",
+               "eval.int8=true", "eval.int8_calibration_images=16", "eval.int8_method=percentile")
+    report = run_eval(tmp_path, *options, "eval.int8_weight_type=uint8")
     assert report["int8"] and report["int8_method"] == "percentile" and report["source"] == "pretrained resnet20"
+    assert report["int8_weight_type"] == "uint8" and asked[0]["weight_type"] == "uint8"
+    assert "percentile ranges from the first 16 training images, uint8 weights)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="eval.int8: unknown weight type 'int4'; valid weight types: int8, uint8"):
+        run_eval(tmp_path, *options, "eval.int8_weight_type=int4")
 
 
-def test_eval_int8_of_pretrained_weights_uses_their_cards_method(tmp_path, monkeypatch, cifar_root):
+def test_eval_int8_of_pretrained_weights_uses_their_cards_method_and_weight_type(tmp_path, monkeypatch, cifar_root):
     pytest.importorskip("onnxruntime")
     real = models.create_model
 
-    def shipped(name, pretrained=False, **kwargs):  # a tiny model whose card names minmax ranges
+    def shipped(name, pretrained=False, **kwargs):  # a tiny model whose card names minmax ranges and uint8 weights
         model = real(name, **kwargs)
-        model.pretrained_cfg = {**model.pretrained_cfg, "int8_method": "minmax"}
+        model.pretrained_cfg = {**model.pretrained_cfg, "int8_method": "minmax", "int8_weight_type": "uint8"}
         return model
 
     monkeypatch.setattr(models, "create_model", shipped)
     report = run_eval(tmp_path, "model=resnet20", "model.width=0.25", "pretrained=true", f"data.root={cifar_root}",
                       "data.val_size=20", "eval.int8=true", "eval.int8_calibration_images=16")
-    assert report["int8_method"] == "minmax"
+    assert report["int8_method"] == "minmax" and report["int8_weight_type"] == "uint8"
 
 
 def test_eval_int8_without_onnxruntime_names_the_fix(trained_run, tmp_path, monkeypatch):

@@ -236,6 +236,8 @@ def budget_note(card: dict) -> str:
 
 FLOAT_LAYERS_SAY = {"first": "stem conv in float32", "last": "classifier in float32",
                     "ends": "stem conv and classifier in float32", None: "every layer int8"}
+# int8 weights, the default (and what a card without a weight type measured), go unsaid: the pages stay as they were
+WEIGHT_TYPE_SAY = {"int8": "", "uint8": "uint8 weights (uint8 x uint8 products), "}
 
 
 def int8_row(card: dict) -> str:
@@ -245,7 +247,8 @@ def int8_row(card: dict) -> str:
         return ""
     return (f"| int8 (`models.quantize`) | {q['val_acc']}% validation top-1 against {q['val_acc_float32']}% float32 "
             f"({q['val_acc'] - q['val_acc_float32']:+.2f}); {q['method']} ranges from {q['calibration_images']} training "
-            f"images, {FLOAT_LAYERS_SAY[q['float_layers']]}; `{q['command']}` |\n")
+            f"images, {WEIGHT_TYPE_SAY[q.get('weight_type', 'int8')]}{FLOAT_LAYERS_SAY[q['float_layers']]}; "
+            f"`{q['command']}` |\n")
 
 
 def model_card(card: dict) -> str:

@@ -86,18 +86,20 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     return evaluate_model(config, ckpt, tta=bool(options.get("tta", False)), split=options.get("split", "auto"),
                           ema=bool(options.get("ema", True)), int8=bool(options.get("int8", False)),
                           int8_calibration_images=int(options.get("int8_calibration_images", 1024)),
-                          int8_method=options.get("int8_method"))
+                          int8_method=options.get("int8_method"), int8_weight_type=options.get("int8_weight_type"))
 
 
 def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split: str = "auto", ema: bool = True,
-                   int8: bool = False, int8_calibration_images: int = 1024, int8_method: str | None = None) -> dict[str, Any]:
+                   int8: bool = False, int8_calibration_images: int = 1024, int8_method: str | None = None,
+                   int8_weight_type: str | None = None) -> dict[str, Any]:
     """Evaluate the model of `config` with the weights of `ckpt` (its weight EMA unless `ema` is
     false; None: whatever `config` builds, e.g. `pretrained=true`) on `split`: "test", "val", or
     "auto" (test when the data has one, else validation). `tta` averages each image's prediction with
     its mirror's. `int8` evaluates `models.quantize` of those weights (onnxruntime on the CPU),
     calibrated with `int8_method` (None: `models.quantize`'s default, which for shipped weights is
     the method their card names) on the first
-    `int8_calibration_images` images of the training split. Writes metrics.json and
+    `int8_calibration_images` images of the training split, with `int8_weight_type` weights ("int8"
+    or "uint8"; None: likewise their card's, else int8). Writes metrics.json and
     confusion_matrix.png to `config["run_dir"]`; returns the report."""
     if split not in SPLITS:
         raise ConfigError(f"eval.split={split!r}: choose auto, test or val")
@@ -122,10 +124,11 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
                          found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
         module.model.load_state_dict(state)
     if int8:
-        from models.int8 import default_method
+        from models.int8 import default_method, default_weight_type
 
         int8_method = int8_method or default_method(module.model)  # shipped weights: their card's method
-        module.model = quantize_for_eval(module.model, datamodule, int8_calibration_images, int8_method)
+        int8_weight_type = int8_weight_type or default_weight_type(module.model)  # and weight type
+        module.model = quantize_for_eval(module.model, datamodule, int8_calibration_images, int8_method, int8_weight_type)
 
     trainer_cfg = dict(config["trainer"], devices=1, num_nodes=1, strategy="auto")
     if int8:  # onnxruntime runs the int8 graph on the CPU; float32 in and out, so no autocast either
@@ -137,7 +140,8 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
         "split": datamodule.eval_split,
         "tta": tta,
         "int8": int8,
-        **({"int8_method": int8_method, "int8_calibration_images": int8_calibration_images} if int8 else {}),
+        **({"int8_method": int8_method, "int8_weight_type": int8_weight_type,
+            "int8_calibration_images": int8_calibration_images} if int8 else {}),
         "model": config["model"],
         "data": config["data"]["name"],
         "data_root": str(config["data"]["root"]),
@@ -161,7 +165,8 @@ def check_int8_available() -> None:
         raise ConfigError(f"eval.int8=true needs onnxruntime, which is not installed ({err}): pip install -e '.[int8]'") from err
 
 
-def quantize_for_eval(model: torch.nn.Module, datamodule: CifarDataModule, images: int, method: str) -> torch.nn.Module:
+def quantize_for_eval(model: torch.nn.Module, datamodule: CifarDataModule, images: int, method: str,
+                      weight_type: str | None = None) -> torch.nn.Module:
     """`models.quantize(model)` calibrated on the first `images` images of the training split,
     unaugmented and normalised as the evaluated images are. Never the validation or test split: the
     activation ranges would then have seen the images they are scored on."""
@@ -178,8 +183,8 @@ def quantize_for_eval(model: torch.nn.Module, datamodule: CifarDataModule, image
         transform = per_image_transform(datamodule.mean, datamodule.std, False, 0, False, size)
         batches = torch.utils.data.DataLoader(PerImageDataset(items, labels, transform), batch_size=32)
     try:
-        return models.quantize(model.float().eval(), batches, method=method, max_images=images)
-    except ValueError as err:  # an unknown method, no training images
+        return models.quantize(model.float().eval(), batches, method=method, max_images=images, weight_type=weight_type)
+    except ValueError as err:  # an unknown method or weight type, no training images
         raise ConfigError(f"eval.int8: {err}") from err
 
 
@@ -191,7 +196,8 @@ def format_eval_report(report: dict, run_dir: Path) -> str:
         ("images", str(report["num_images"])),
         ("flip TTA", "on" if report["tta"] else "off"),
         ("int8", (f"on (onnxruntime; {report['int8_method']} ranges from the first "
-                  f"{report['int8_calibration_images']} training images)") if report.get("int8") else "off"),
+                  f"{report['int8_calibration_images']} training images, {report.get('int8_weight_type', 'int8')} weights)")
+                 if report.get("int8") else "off"),
         ("top-1", f"{100 * report['top1']:.2f}%"),
         ("top-5", f"{100 * report['top5']:.2f}%"),
         ("loss", f"{report['loss']:.4f}"),
