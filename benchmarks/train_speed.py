@@ -134,7 +134,8 @@ def torchvision_cifar(name: str, num_classes: int = 10) -> nn.Module:
 
 class PlainKernels(nn.Module):
     """The same zoo network with its kernel dispatch off (`models.kernels.plain()`): every layer the
-    plain PyTorch op. The twin where torchvision has none (mobilenet_v1, Xception)."""
+    plain PyTorch op (no fused batch norm + activation, `models/norm_act.py`). The twin where
+    torchvision has none (mobilenet_v1, Xception, the ResNets)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -152,6 +153,9 @@ TWINS = {
     "mobilenet_v3_large": ("torchvision mobilenet_v3_large", lambda: torchvision_cifar("mobilenet_v3_large")),
     "mobilenet_v1": ("zoo, plain kernels", lambda: PlainKernels(models.create_model("mobilenet_v1"))),
     "xception_small": ("zoo, plain kernels", lambda: PlainKernels(models.create_model("xception_small"))),
+    # the ResNets' target is "no slower than the plain layers"
+    **{name: ("zoo, plain kernels", lambda name=name: PlainKernels(models.create_model(name)))
+       for name in ("resnet20", "resnet56", "se_resnet20", "resnet38_bottleneck")},
 }
 
 
@@ -213,12 +217,15 @@ class TrainStep:
         self.batch = batch
         self.last_loss = float("nan")
 
-    def __call__(self) -> torch.Tensor:
+    def loss(self) -> torch.Tensor:
         s = self.settings
         x = self.x.contiguous(memory_format=torch.channels_last) if s.channels_last else self.x
         with torch.autocast("cpu", dtype=s.amp_dtype or torch.bfloat16, enabled=s.amp_dtype is not None):
             logits = self.model(x).float()
-            loss = F.cross_entropy(logits, self.y, label_smoothing=LABEL_SMOOTHING)
+            return F.cross_entropy(logits, self.y, label_smoothing=LABEL_SMOOTHING)
+
+    def __call__(self) -> torch.Tensor:
+        loss = self.loss()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -226,6 +233,22 @@ class TrainStep:
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def kept_for_backward(self) -> int:
+        """Bytes of activations autograd keeps from one forward until the backward (each storage
+        once, parameters not counted): the step's activation memory."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        kept = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.loss()
+        return sum(kept.values())
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -305,7 +328,8 @@ def head_to_head_table(result: dict) -> str:
 def twins(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int = 1, log=None) -> list[dict]:
     """Each zoo model and its twin (TWINS), both with train.py's default settings, all rows in the
     same interleaved rounds; the ratio is zoo img/s over twin img/s (the issue's target: >= 1.3x,
-    mobilenet_v2 >= 1.5x)."""
+    mobilenet_v2 >= 1.5x). Also the activation memory each keeps for its backward (measured once,
+    before timing)."""
     fns, labels = {}, {}
     for name in names:
         label, build = TWINS[name]
@@ -316,20 +340,23 @@ def twins(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int
         check_twin(twin, zoo)
         fns[f"{name}/zoo"], fns[f"{name}/twin"] = TrainStep(zoo, DEFAULT, batch), TrainStep(twin, DEFAULT, batch)
         labels[name] = label
+    kept = {key: step.kept_for_backward() for key, step in fns.items()}
     timings = bench(fns, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
     return [
         {"table": "twins", "model": name, "twin": labels[name], "batch": batch,
          "img_s": img_s(timings[f"{name}/zoo"], batch), "twin_img_s": img_s(timings[f"{name}/twin"], batch),
          "speedup_vs_twin": paired_ratio(timings[f"{name}/twin"], timings[f"{name}/zoo"]),
+         "kept_mb": kept[f"{name}/zoo"] / 2**20, "twin_kept_mb": kept[f"{name}/twin"] / 2**20,
          "rounds": len(timings[f"{name}/zoo"].samples), "finite": fns[f"{name}/zoo"].finite() and fns[f"{name}/twin"].finite()}
         for name in names
     ]
 
 
 def twins_table(rows: list[dict]) -> str:
-    return md_table(["model", "twin", "zoo img/s", "twin img/s", "zoo / twin"],
-                    [[f"`{r['model']}`", r["twin"], f"{r['img_s']:,.0f}", f"{r['twin_img_s']:,.0f}", f"{r['speedup_vs_twin']:.2f}x"]
-                     for r in rows], right=[False, False, True, True, True])
+    return md_table(["model", "twin", "zoo img/s", "twin img/s", "zoo / twin", "kept for backward: zoo / twin (MiB)"],
+                    [[f"`{r['model']}`", r["twin"], f"{r['img_s']:,.0f}", f"{r['twin_img_s']:,.0f}", f"{r['speedup_vs_twin']:.2f}x",
+                      f"{r['kept_mb']:,.0f} / {r['twin_kept_mb']:,.0f}"]
+                     for r in rows], right=[False, False, True, True, True, True])
 
 
 # -- part 2: every model ----------------------------------------------------------------------

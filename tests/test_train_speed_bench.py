@@ -5,6 +5,7 @@ docs/train_speed.md."""
 import csv
 import math
 
+import pytest
 import torch
 
 from benchmarks import train_speed as ts
@@ -111,3 +112,14 @@ def test_every_twin_is_the_zoo_architecture_and_times():
                                                        ("mobilenet_v1", "zoo, plain kernels")]
     assert all(r["img_s"] > 0 and r["twin_img_s"] > 0 and r["speedup_vs_twin"] > 0 and r["finite"] for r in rows)
     assert "| `mobilenet_v1` | zoo, plain kernels |" in ts.twins_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.norm_act.available(), reason="the fused batch-norm kernel cannot be built here")
+def test_the_fused_norm_keeps_less_for_the_backward():
+    # mobilenet_v2's ReLU6 layers keep the norm's input and the activation's input apart; fused,
+    # only the norm's input stays (models/norm_act.py), about a third less activation memory
+    torch.manual_seed(0)
+    zoo = ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.35), ts.DEFAULT, batch=4)
+    plain = ts.TrainStep(ts.PlainKernels(ts.models.create_model("mobilenet_v2", width=0.35)), ts.DEFAULT, batch=4)
+    fused_bytes, plain_bytes = zoo.kept_for_backward(), plain.kept_for_backward()
+    assert 0 < fused_bytes < 0.8 * plain_bytes

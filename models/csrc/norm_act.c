@@ -1,0 +1,112 @@
+/* Batch norm (training mode) fused with its activation, for float32 channels-last maps.
+ *
+ * Seen as M = N*H*W rows of C channels, a channels-last map is a row-major matrix, so every loop
+ * below runs over rows in parallel and over channels with SIMD. What the fusion saves is memory
+ * traffic: PyTorch's batch_norm then activation reads or writes a full map 12 times per training
+ * step (norm forward 3, activation forward 2, activation backward 3, norm backward 4) and keeps
+ * two maps for the backward (the norm's input and the activation's input); here it is 8 times
+ * (forward: statistics 1, normalise + activate 2; backward: sums 2, input gradient 3) and one map
+ * is kept (the norm's input x; the normalised value and the activation's derivative are
+ * recomputed from it, which costs arithmetic the memory-bound loops have spare).
+ *
+ * Compiled on first use by models/norm_act.py with OpenMP; linked by soname to the libgomp that
+ * PyTorch has already loaded, so both share one thread pool. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 64 /* rows summed in float before adding to the double totals */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
+
+/* Per-channel totals s1 += F1, s2 += F2 over all rows, F1 and F2 expressions of row r, channel c
+ * and element index i. Each thread sums blocks of rows in float (vectorised over channels), then
+ * in double across blocks; the threads' totals are added at the end. */
+#define CHANNEL_SUMS(F1, F2)                                                                       \
+    memset(s1, 0, C * sizeof(double));                                                             \
+    memset(s2, 0, C * sizeof(double));                                                             \
+    _Pragma("omp parallel num_threads(nthreads)") {                                                \
+        double *d1 = calloc(C, sizeof(double)), *d2 = calloc(C, sizeof(double));                   \
+        float *f1 = malloc(C * sizeof(float)), *f2 = malloc(C * sizeof(float));                    \
+        _Pragma("omp for schedule(static)") for (int64_t r0 = 0; r0 < M; r0 += BLOCK) {            \
+            memset(f1, 0, C * sizeof(float));                                                      \
+            memset(f2, 0, C * sizeof(float));                                                      \
+            for (int64_t r = r0; r < MIN(r0 + BLOCK, M); r++) {                                    \
+                _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                              \
+                    int64_t i = r * C + c;                                                         \
+                    f1[c] += F1;                                                                   \
+                    f2[c] += F2;                                                                   \
+                }                                                                                  \
+            }                                                                                      \
+            for (int64_t c = 0; c < C; c++) { d1[c] += f1[c]; d2[c] += f2[c]; }                    \
+        }                                                                                          \
+        _Pragma("omp critical") for (int64_t c = 0; c < C; c++) { s1[c] += d1[c]; s2[c] += d2[c]; } \
+        free(d1); free(d2); free(f1); free(f2);                                                    \
+    }
+
+#define ROWS(BODY)                                                                                 \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < M; r++) { \
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { int64_t i = r * C + c; BODY; }       \
+    }
+
+/* Batch statistics, the scale they give (y = (x - mean) * a + beta), and the running averages as
+ * nn.BatchNorm2d keeps them (the running variance unbiased). Sums are of x minus its first row,
+ * which keeps them small when a channel's mean is large against its spread. */
+void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *restrict gamma,
+                    double eps, double momentum, float *running_mean,
+                    float *running_var, float *mean, float *invstd, float *a, int nthreads) {
+    double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));
+    CHANNEL_SUMS(x[i] - x[c], (x[i] - x[c]) * (x[i] - x[c]))
+    for (int64_t c = 0; c < C; c++) {
+        double m1 = s1[c] / M, var = s2[c] / M - m1 * m1;
+        var = var > 0 ? var : 0;
+        double mu = x[c] + m1, is = 1.0 / sqrt(var + eps);
+        running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mu);
+        running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var * M / (M > 1 ? M - 1 : 1));
+        mean[c] = (float)mu;
+        invstd[c] = (float)is;
+        a[c] = (float)(gamma[c] * is);
+    }
+    free(s1); free(s2);
+}
+
+/* For each activation: ACT(y), and GRAD(y), its derivative. Forward: z = ACT(y), y = (x - mean) * a + beta
+ * (not x * a + (beta - mean * a), which cancels when the mean is large against the spread).
+ * Backward, with dy = dz * GRAD(y) and xhat = (x - mean) * invstd:
+ *   dbeta = sum dy, dgamma = sum dy * xhat,
+ *   dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M). */
+#define KERNELS(NAME, ACT, GRAD)                                                                   \
+    void norm_act_forward_##NAME(const float *restrict x, float *restrict z, int64_t M, int64_t C, \
+                                 const float *restrict mean, const float *restrict a,             \
+                                 const float *restrict beta, int nthreads) {                      \
+        ROWS(float y = (x[i] - mean[c]) * a[c] + beta[c]; z[i] = ACT)                              \
+    }                                                                                              \
+    void norm_act_backward_##NAME(const float *restrict dz, const float *restrict x,               \
+                                  float *restrict dx, int64_t M, int64_t C,                        \
+                                  const float *restrict gamma, const float *restrict mean,         \
+                                  const float *restrict invstd, const float *restrict a,           \
+                                  const float *restrict beta, float *dgamma, float *dbeta,         \
+                                  int nthreads) {                                                  \
+        double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));                 \
+        CHANNEL_SUMS(dz[i] * ({ float y = (x[i] - mean[c]) * a[c] + beta[c]; GRAD; }),              \
+                     dz[i] * ({ float y = (x[i] - mean[c]) * a[c] + beta[c]; GRAD; }) * (x[i] - mean[c])) \
+        float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));                    \
+        float *scale = malloc(C * sizeof(float));                                                  \
+        for (int64_t c = 0; c < C; c++) {                                                          \
+            dbeta[c] = (float)s1[c];                                                               \
+            dgamma[c] = (float)(s2[c] * invstd[c]);                                                \
+            scale[c] = gamma[c] * invstd[c];                                                       \
+            k1[c] = (float)(s1[c] / M);                                                            \
+            k2[c] = (float)(scale[c] * invstd[c] * invstd[c] * s2[c] / M);                         \
+        }                                                                                          \
+        ROWS(float y = (x[i] - mean[c]) * a[c] + beta[c]; float dy = dz[i] * (GRAD);                \
+             dx[i] = (dy - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])                           \
+        free(s1); free(s2); free(k1); free(k2); free(scale);                                       \
+    }
+
+KERNELS(identity, y, ((void)y, 1.f))
+KERNELS(relu, (y > 0.f ? y : 0.f), (y > 0.f ? 1.f : 0.f))
+KERNELS(relu6, CLAMP(y, 0.f, 6.f), ((y > 0.f && y < 6.f) ? 1.f : 0.f))
+KERNELS(hardswish, (y * CLAMP(y + 3.f, 0.f, 6.f) * (1.f / 6.f)),
+        (y < -3.f ? 0.f : (y > 3.f ? 1.f : (2.f * y + 3.f) * (1.f / 6.f))))

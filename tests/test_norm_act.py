@@ -1,0 +1,190 @@
+"""The fused batch-norm + activation training kernel (models/norm_act.py): it computes what
+`act(bn(x))` computes -- outputs, the gradients of the input, weight and bias, the running
+statistics and the batch count -- and every case it does not cover runs the two plain layers.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from models import kernels, norm_act
+from models.layers import ConvNormAct
+
+pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)")
+
+ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Identity]
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    previous = kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(previous)
+
+
+def _pair(chs, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(chs)
+    with torch.no_grad():  # away from the defaults, so a swapped gamma/beta or mean/var shows
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    twin = nn.BatchNorm2d(chs)
+    twin.load_state_dict(bn.state_dict())
+    return bn, twin
+
+
+def _run(bn, act, x, grad, fused: bool):
+    x = x.clone().requires_grad_()
+    with kernels.plain() if not fused else torch.enable_grad():
+        y = norm_act.batch_norm_act(x, bn, act)
+    y.backward(grad)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.__name__)
+@pytest.mark.parametrize("shape", [(8, 48, 9, 7), (3, 5, 4, 4), (2, 130, 1, 1), (64, 16, 8, 8)])
+def test_fused_is_as_accurate_as_the_plain_layers(act, shape):
+    """Outputs, gradients and buffers, measured against the plain layers in float64: the kernel is
+    about as close to them as PyTorch's float32 layers are (within twice their error plus a few
+    ulps: it sums in another order, so the two float32 paths differ by their rounding; with 2
+    values per channel both lose digits)."""
+    bn, plain32 = _pair(shape[1])
+    plain64 = _pair(shape[1])[1].double()
+    # a mean far from zero against its spread: the sums must not lose the variance to cancellation
+    x = (torch.randn(shape) * 3 + 20).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape)
+    assert norm_act._fusable(x, bn, act()) == norm_act.FUSED_ACTIVATIONS[act]
+    fused = _run(bn, act(), x, grad, fused=True)
+    plain = _run(plain32, act(), x, grad, fused=False)
+    exact = _run(plain64, act(), x.double(), grad.double(), fused=False)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+
+    def outcomes(bn, run):
+        return {"output": run[0], "input grad": run[1], "weight grad": bn.weight.grad, "bias grad": bn.bias.grad,
+                **dict(bn.named_buffers())}
+
+    fused, plain, exact = outcomes(bn, fused), outcomes(plain32, plain), outcomes(plain64, exact)
+    for key in exact:
+        error = (fused[key].double() - exact[key].double()).abs().max().item()
+        plain_error = (plain[key].double() - exact[key].double()).abs().max().item()
+        rounding = 1e-5 * max(1.0, exact[key].abs().max().item())  # float32 rounding of the largest value, amplified
+        assert error <= 2 * plain_error + rounding, f"{key}: {error:.2e} from float64, float32 plain layers {plain_error:.2e}"
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_threads_do_not_change_the_result():
+    bn, twin = _pair(24)
+    x = torch.randn(16, 24, 6, 6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(16, 24, 6, 6)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, dx1 = _run(bn, nn.ReLU6(), x, grad, fused=True)
+        torch.set_num_threads(2)
+        y2, dx2 = _run(twin, nn.ReLU6(), x, grad, fused=True)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dx1, dx2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["eval", "nchw", "bf16", "sigmoid", "hook", "plain_switch", "one_value_per_channel", "no_running_stats", "autocast"],
+)
+def test_uncovered_cases_run_the_plain_layers(case):
+    bn, twin = _pair(8)
+    act = nn.Sigmoid() if case == "sigmoid" else nn.ReLU()
+    shape = (1, 8, 1, 1) if case == "one_value_per_channel" else (4, 8, 5, 5)
+    x = torch.randn(shape)
+    if case != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if case == "eval":
+        bn.eval(), twin.eval()
+    if case == "bf16":
+        x, bn, twin = x.bfloat16(), bn.bfloat16(), twin.bfloat16()
+    if case == "no_running_stats":
+        bn.track_running_stats = twin.track_running_stats = False
+        bn.running_mean = bn.running_var = twin.running_mean = twin.running_var = None
+    if case == "hook":
+        bn.register_forward_hook(lambda *a: None)
+    with kernels.plain() if case == "plain_switch" else torch.autocast("cpu", enabled=case == "autocast"):
+        assert norm_act._fusable(x, bn, act) is None
+        if case == "one_value_per_channel":  # nn.BatchNorm2d's own error reaches the user
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                norm_act.batch_norm_act(x, bn, act)
+            return
+        y = norm_act.batch_norm_act(x, bn, act)
+    assert torch.equal(y, act(twin(x)))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_a_model_trains_as_accurately_fused(name):
+    """One training step of a small mobilenet_v2 (ReLU6; Identity after the projections) or
+    mobilenet_v3_small (Hardswish, SE), measured against the same step in float64: loss, running
+    statistics and the whole gradient are as close with the kernel as with PyTorch's float32 layers.
+    (A freshly initialised mobilenet_v2 amplifies float32 rounding into gradient differences of
+    about 1% on either path, so the two float32 paths are compared through float64, not directly.)"""
+    runs = {}
+    for mode in ("fused", "plain", "float64"):
+        torch.manual_seed(0)
+        model = models.create_model(name, num_classes=10, width=0.35).to(memory_format=torch.channels_last)
+        dtype = torch.float64 if mode == "float64" else torch.float32
+        model.to(dtype)
+        torch.manual_seed(1)
+        x = torch.randn(8, 3, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with kernels.plain() if mode == "plain" else torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,)))
+            loss.backward()
+        grad = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        buffers = torch.cat([b.double().flatten() for b in model.buffers()])
+        runs[mode] = (loss.double(), grad, buffers)
+
+    def error(mode):
+        return [((a - b).norm() / b.norm()).item() for a, b in zip(runs[mode], runs["float64"])]
+
+    for what, fused, plain in zip(("loss", "gradient", "buffers"), error("fused"), error("plain")):
+        assert fused <= 2 * plain + 1e-5, f"{what}: relative error {fused:.2e} fused, {plain:.2e} plain float32"
+
+
+def test_conv_norm_act_uses_the_kernel_when_training(monkeypatch):
+    calls = []
+    real = norm_act._BatchNormAct.apply
+    monkeypatch.setattr(norm_act._BatchNormAct, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    layer = ConvNormAct(4, 8, 3, act_layer=nn.ReLU6).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    layer(x).sum().backward()
+    assert calls == ["relu6"]
+    layer.eval()
+    layer(x)
+    assert calls == ["relu6"]  # eval mode: the plain layers (models.fuse folds them for inference)
+
+
+def test_a_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(norm_act, "_lib", None)
+    monkeypatch.setattr(norm_act, "_load_failed", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("POINTWISE_ZOO_CACHE", str(tmp_path / "cache"))
+    bn, twin = _pair(8)
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(RuntimeWarning, match="POINTWISE_ZOO_PLAIN_KERNELS=1"):
+        y = norm_act.batch_norm_act(x, bn, nn.ReLU())
+    assert torch.equal(y, nn.ReLU()(twin(x)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: not again on every layer
+        norm_act.batch_norm_act(x, bn, nn.ReLU())
+    assert not norm_act.available()
+
+
+def test_the_kernel_compiles_into_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("POINTWISE_ZOO_CACHE", str(tmp_path))
+    compiler = norm_act.os.environ.get("CC") or norm_act.shutil.which("cc") or norm_act.shutil.which("gcc")
+    first = norm_act._compile(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert norm_act._compile(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temporary folder
