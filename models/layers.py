@@ -165,6 +165,12 @@ class ConvNormAct(nn.Module):
         self.act = _act(act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.act(self.bn(self.conv(x)))
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         return batch_norm_act(self.conv(x), self.bn, self.act)  # act(bn(conv(x))), one kernel when training on CPU
 
 

@@ -11,8 +11,9 @@ import models
 from conftest import model_with_bn_statistics
 from models.int8 import Int8Model, quantize
 
+# one model of each architecture file's families (mobilenet_v3_large is built by the same code as _small)
 FAMILIES = ["resnet20", "se_resnet20", "resnet38_bottleneck", "mobilenet_v1", "mobilenet_v2",
-            "mobilenet_v3_small", "mobilenet_v3_large", "xception_small"]
+            "mobilenet_v3_small", "xception_small"]
 
 
 def random_model(name: str) -> nn.Module:
@@ -22,7 +23,7 @@ def random_model(name: str) -> nn.Module:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_int8_logits_stay_close_to_float(name):
     model = random_model(name)
-    q = quantize(model, torch.randn(64, 3, 32, 32))
+    q = quantize(model, torch.randn(32, 3, 32, 32))
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         ref, out = model(x), q(x)

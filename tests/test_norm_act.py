@@ -77,6 +77,20 @@ def test_fused_is_as_accurate_as_the_plain_layers(act, shape):
     assert int(bn.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.__name__)
+def test_a_nan_goes_through_as_in_the_plain_layers(act):
+    """A diverged run must see NaN in its loss (train.py stops on it), not have it clamped away."""
+    bn, twin = _pair(6)
+    x = torch.randn(4, 6, 3, 3)
+    x[1, 2, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = norm_act.batch_norm_act(x, bn, act())
+    ref = act()(twin(x))
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan()[:, 2].all()
+    assert torch.equal(bn.running_mean.isnan(), twin.running_mean.isnan())
+    assert torch.equal(bn.running_var.isnan(), twin.running_var.isnan())
+
+
 def test_threads_do_not_change_the_result():
     bn, twin = _pair(24)
     x = torch.randn(16, 24, 6, 6).contiguous(memory_format=torch.channels_last)

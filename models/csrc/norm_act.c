@@ -60,7 +60,7 @@ void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *
     CHANNEL_SUMS(x[i] - x[c], (x[i] - x[c]) * (x[i] - x[c]))
     for (int64_t c = 0; c < C; c++) {
         double m1 = s1[c] / M, var = s2[c] / M - m1 * m1;
-        var = var > 0 ? var : 0;
+        var = var < 0 ? 0 : var; /* written so that a NaN stays NaN, as in PyTorch */
         double mu = x[c] + m1, is = 1.0 / sqrt(var + eps);
         running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mu);
         running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var * M / (M > 1 ? M - 1 : 1));
@@ -71,7 +71,8 @@ void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *
     free(s1); free(s2);
 }
 
-/* For each activation: ACT(y), and GRAD(y), its derivative. Forward: z = ACT(y), y = (x - mean) * a + beta
+/* For each activation: ACT(y), and GRAD(y), its derivative; a NaN goes through ACT as through PyTorch's
+ * activations (a diverged run's loss must become NaN to be caught). Forward: z = ACT(y), y = (x - mean) * a + beta
  * (not x * a + (beta - mean * a), which cancels when the mean is large against the spread).
  * Backward, with dy = dz * GRAD(y) and xhat = (x - mean) * invstd:
  *   dbeta = sum dy, dgamma = sum dy * xhat,
@@ -106,7 +107,7 @@ void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *
     }
 
 KERNELS(identity, y, ((void)y, 1.f))
-KERNELS(relu, (y > 0.f ? y : 0.f), (y > 0.f ? 1.f : 0.f))
+KERNELS(relu, (y < 0.f ? 0.f : y), (y > 0.f ? 1.f : 0.f)) /* relu(NaN) is NaN, as in PyTorch */
 KERNELS(relu6, CLAMP(y, 0.f, 6.f), ((y > 0.f && y < 6.f) ? 1.f : 0.f))
 KERNELS(hardswish, (y * CLAMP(y + 3.f, 0.f, 6.f) * (1.f / 6.f)),
         (y < -3.f ? 0.f : (y > 3.f ? 1.f : (2.f * y + 3.f) * (1.f / 6.f))))
