@@ -132,7 +132,7 @@ SHIPPED = models.list_pretrained()
 
 def test_the_required_entries_are_shipped():
     required = {"mobilenet_v2", "mobilenet_v2.w0_5", "mobilenet_v1", "xception_small", "resnet38_bottleneck",
-                "se_resnet20", "resnet20", "resnet56", "mobilenet_v3_small"}  # fmt: skip
+                "se_resnet20", "resnet20", "resnet56", "mobilenet_v3_small", "mobilenet_v3_large"}  # fmt: skip
     assert required <= set(SHIPPED)
     assert models.pretrained_meta("mobilenet_v2.w0_5")["build"]["width"] == 0.5
 
