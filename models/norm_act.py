@@ -103,7 +103,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """True when the fused kernel is built and the measured kernels are switched on."""
-    return kernels.enabled() and sys.platform.startswith("linux") and _load() is not None
+    return kernels.enabled() and _load() is not None
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
