@@ -78,10 +78,17 @@ class XceptionBlock(nn.Module):
         chs = [in_chs] + ([out_chs] * reps if grow_first else [in_chs] * (reps - 1) + [out_chs])
         units = []
         for i in range(reps):
-            # not in place: the block input is still needed by the shortcut
-            units.append(act_layer() if i > 0 or start_with_act else nn.Identity())
+            # Unit i is (ReLU, separable conv + BN), and the ReLU opening unit i+1 is computed by
+            # unit i's norm layer instead: its ConvNormAct then runs BN and ReLU as one kernel when
+            # training (models/norm_act.py), one pass less over the map each way. Same function, and
+            # the same state_dict keys, since a ReLU holds no weights: its slot stays, as an Identity.
+            # The block's first ReLU stays a layer (not in place: the shortcut still needs the input).
+            units.append(act_layer() if i == 0 and start_with_act else nn.Identity())
+            act_after = act_layer if i < reps - 1 else None  # the last unit's BN feeds the sum
             units.append(
-                conv_mode.separable_block(chs[i], chs[i + 1], 3, norm_layer=norm_layer, act_layer=None, dw_norm=False)
+                conv_mode.separable_block(
+                    chs[i], chs[i + 1], 3, norm_layer=norm_layer, act_layer=act_after, dw_norm=False, dw_act=False
+                )
             )
         self.convs = nn.Sequential(*units)
         self.pool = nn.MaxPool2d(3, stride, 1) if stride > 1 else nn.Identity()

@@ -22,6 +22,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# Under pytest-xdist (the README's `-n 2`) each worker process gets one core: one torch thread each,
+# and the same for the subprocesses tests start, or OpenMP threads spin-wait on each other's core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_CLASS = 8  # 80 images: 60 train + 20 val after the split
 

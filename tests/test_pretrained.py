@@ -165,3 +165,58 @@ def test_shipped_entry_loads_through_every_path(entry, http_server, tmp_path, mo
     _same_outputs(models.create_model(entry, pretrained=True, weights=file), model)
     tag = entry.partition(".")[2] or None
     _same_outputs(torch.hub.load(str(REPO), meta["model"], source="local", pretrained=True, tag=tag), model)
+
+
+# ---- the shipped entries' outputs, recorded ---------------------------------------------------
+# Code changes (a fused kernel, a block rearranged) must leave what the shipped weights compute as it
+# was. Each entry's logits on two fixed images are recorded with the sha256 of the weights file that
+# gave them; only new weights may change them, and then the record is rewritten on purpose:
+#     python tests/test_pretrained.py --record-outputs <entry> [...]
+
+RECORDED_OUTPUTS = Path(__file__).with_name("shipped_outputs.json")
+
+
+def _probe_images() -> torch.Tensor:
+    """Two deterministic images with the spread of normalised inputs (no RNG: same on every torch)."""
+    i = torch.arange(2 * 3 * 32 * 32, dtype=torch.float64)
+    return (1.5 * torch.sin(0.37 * i) + 0.5 * torch.cos(0.0113 * i)).reshape(2, 3, 32, 32).float()
+
+
+def _probe_logits(entry: str) -> torch.Tensor:
+    with torch.no_grad():
+        return models.create_model(entry, pretrained=True).eval()(_probe_images())
+
+
+def _record_outputs(entries: list[str]) -> None:
+    record = json.loads(RECORDED_OUTPUTS.read_text()) if RECORDED_OUTPUTS.exists() else {}
+    for entry in entries:
+        logits = _probe_logits(entry)
+        record[entry] = {"sha256": models.pretrained_meta(entry)["sha256"],
+                         "logits": [[round(v, 5) for v in row] for row in logits.tolist()]}
+        print(f"recorded {entry}")
+    lines = [f'  "{e}": {{"sha256": "{r["sha256"]}", "logits": {json.dumps(r["logits"])}}}' for e, r in sorted(record.items())]
+    RECORDED_OUTPUTS.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+@pytest.mark.parametrize("entry", SHIPPED)
+def test_shipped_outputs_are_the_recorded_ones(entry):
+    record = json.loads(RECORDED_OUTPUTS.read_text()).get(entry)
+    fix = f"record them with `python tests/test_pretrained.py --record-outputs {entry}`"
+    assert record is not None, f"{entry} ships without recorded outputs: {fix}"
+    assert record["sha256"] == models.pretrained_meta(entry)["sha256"], (
+        f"{entry}'s weights file is not the one its outputs were recorded with; if the new weights are "
+        f"meant, {fix}")
+    expected = torch.tensor(record["logits"])
+    # float32 kernels differ between CPUs and versions by ~1e-5 of the logits; a changed computation by far more
+    torch.testing.assert_close(_probe_logits(entry), expected, atol=2e-3, rtol=1e-3)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--record-outputs"] or not sys.argv[2:]:
+        sys.exit(f"usage: python {sys.argv[0]} --record-outputs ENTRY [...]   (shipped: {' '.join(SHIPPED)})")
+    unknown = sorted(set(sys.argv[2:]) - set(SHIPPED))
+    if unknown:
+        sys.exit(f"not shipped: {', '.join(unknown)}; shipped: {' '.join(SHIPPED)}")
+    _record_outputs(sys.argv[2:])
