@@ -38,6 +38,10 @@ Part 2 (`--all`): every registered model (`models.list_models()`), cifar stem, w
 classes, default settings, at `--all-batch` (default 128: batch 256 over 12 models would take
 well over 10 minutes on the shared 2-core machine), interleaved the same way.
 
+Part 5 (`--depthwise [MODEL ...]`): every distinct depthwise layer of the MobileNets and
+xception_small that the zoo's C kernels cover (`models/depthwise.py`), forward + backward at
+`--all-batch`, oneDNN's conv (kernels switched off) against the kernels, in the same rounds.
+
 Timing (as the other benchmarks, `benchmarks/common.py`): `--warmup` untimed steps per row, then
 `--rounds` rounds; each round runs every row for `--steps` steps (one sample), in an order that
 rotates every round. img/s = batch x steps / seconds of a sample; the table shows the median over
@@ -427,6 +431,66 @@ def precision_table(rows: list[dict]) -> str:
                     right=[False, False, True, True])
 
 
+# -- part 5: depthwise layers ------------------------------------------------------------------
+
+DEPTHWISE_MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "xception_small")
+
+
+def depthwise_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
+    """Each distinct depthwise conv input (batch, C, H, W, k, stride) the C kernels cover in these
+    models (cifar stem, a training forward at `batch`; where they are used or not), with the models
+    and counts that have it."""
+    shapes: dict[tuple, list[str]] = {}
+    for name in names:
+        model = models.create_model(name, num_classes=10).to(memory_format=torch.channels_last)
+        seen: list[tuple] = []
+
+        def record(module, args, seen=seen):
+            x = args[0]
+            if models.depthwise._covered(x, module.conv):
+                seen.append((*x.shape, module.conv.kernel_size[0], module.conv.stride[0]))
+
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, models.layers.DepthwiseConv)]
+        model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+        for h in hooks:
+            h.remove()
+        for shape in sorted(set(seen), key=seen.index):
+            shapes.setdefault(shape, []).append(f"{name} x{seen.count(shape)}")
+    return shapes
+
+
+def depthwise_layers(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 5: each depthwise layer's forward + backward (input and weight gradients), oneDNN's conv
+    against the zoo's C kernels (called directly, whatever `models.depthwise.kernels_win` picks),
+    interleaved in the same rounds: the measurement behind that rule."""
+    rows = []
+    for (n, c, h, w, k, s), where in depthwise_shapes(names, batch).items():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn_like(conv(x))
+
+        def step(plain: bool) -> None:
+            y = conv(x) if plain else models.depthwise._DepthwiseConv.apply(x, conv.weight, s)
+            y.backward(grad)
+            x.grad = conv.weight.grad = None
+
+        t = bench({"onednn": lambda: step(True), "zoo": lambda: step(False)}, repeats=rounds, warmup=warmup)
+        rows.append({"table": "depthwise", "shape": f"{n}x{c}x{h}x{w}", "kernel": k, "stride": s, "models": ", ".join(where),
+                     "onednn_ms": t["onednn"].median * 1e3, "zoo_ms": t["zoo"].median * 1e3,
+                     "speedup": paired_ratio(t["onednn"], t["zoo"]), "used": models.depthwise.kernels_win(k, h, w)})
+        if log:
+            log(f"depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
+    return rows
+
+
+def depthwise_table(rows: list[dict]) -> str:
+    return md_table(["input (N x C x H x W)", "k", "stride", "in", "oneDNN fwd+bwd (ms)", "zoo kernels (ms)", "speed-up", "used"],
+                    [[r["shape"], r["kernel"], r["stride"], r["models"], f"{r['onednn_ms']:.2f}", f"{r['zoo_ms']:.2f}",
+                      f"{r['speedup']:.2f}x", "zoo" if r["used"] else "oneDNN"] for r in rows],
+                    right=[False, True, True, False, True, True, True, False])
+
+
 # -- part 4: roofline ---------------------------------------------------------------------------
 
 
@@ -512,6 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="part 4: step FLOPs and bytes against this machine's peaks (default: every model), at --all-batch")
     p.add_argument("--twins", nargs="*", default=None, metavar="MODEL",
                    help=f"each zoo model against its twin, equal default settings, at --all-batch (default: {' '.join(TWINS)})")
+    p.add_argument("--depthwise", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 5: every depthwise layer of these models, oneDNN against the zoo's kernels (default: {' '.join(DEPTHWISE_MODELS)})")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -574,6 +640,12 @@ def main(argv=None) -> int:
         print(f"## Roofline of a training step, default settings ({DEFAULT.describe()}), batch {args.all_batch}; this machine: "
               f"{peaks['peak_gflops']:.0f} GFLOP/s peak ({peaks['dtype']}), {peaks['bw_gbs']:.1f} GB/s copy bandwidth\n")
         print(roofline_table(rows) + "\n")
+        csv_rows += rows
+    if args.depthwise is not None:
+        rows = depthwise_layers(args.depthwise or list(DEPTHWISE_MODELS), args.all_batch, args.all_rounds, args.warmup, log=log)
+        print(f"## Depthwise layers, forward + backward, float32 channels-last, batch {args.all_batch}, median of "
+              f"{args.all_rounds} interleaved rounds: oneDNN's conv against the zoo's C kernels (models/depthwise.py)\n")
+        print(depthwise_table(rows) + "\n")
         csv_rows += rows
     print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out is not None and csv_rows:

@@ -1,6 +1,6 @@
 """pointwise-zoo: efficient CNNs built on the 1x1 pointwise convolution (plain PyTorch)."""
 
-from . import kernels, layers, norm_act
+from . import depthwise, kernels, layers, native, norm_act
 from ._base import ClassifierMixin, adapt_input_conv
 from ._loader import CheckpointLoadError, load_checkpoint, load_state_dict_file
 from .cost import format_layer_table, layer_table, profile

@@ -9,8 +9,9 @@ section 2, has the tables and the machine. Other machines were not measured.
 
 One switch turns every rule off: `set_enabled(False)`, the `plain()` context manager, or
 ``POINTWISE_ZOO_PLAIN_KERNELS=1`` in the environment when this module is imported. Every call then
-takes the plain `F.conv2d` path, and every norm + activation pair its two PyTorch layers instead of
-the fused training kernel (`models/norm_act.py`) -- a reference to check the rules against, and the
+takes the plain `F.conv2d` path, every norm + activation pair its two PyTorch layers instead of
+the fused training kernel (`models/norm_act.py`), and every depthwise conv oneDNN's instead of the
+zoo's (`models/depthwise.py`) -- a reference to check the rules against, and the
 way out if a rule is wrong on other hardware. The switch is process-wide (not per thread).
 """
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .depthwise import depthwise_conv2d
 from .norm_act import batch_norm_act
 from .pointwise import PointwiseConv
 
@@ -179,6 +180,11 @@ class DepthwiseConv(ConvNormAct):
 
     def __init__(self, chs: int, kernel_size: int = 3, stride: int = 1, **kwargs):
         super().__init__(chs, chs, kernel_size, stride, groups=chs, **kwargs)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the conv on the zoo's C kernels when training on CPU (models/depthwise.py), then as ConvNormAct
+        return batch_norm_act(depthwise_conv2d(x, self.conv), self.bn, self.act)
 
 
 class SqueezeExcite(nn.Module):

@@ -8,106 +8,30 @@ make six passes and keep two maps; the C file's header counts them). Everything 
 mode, NCHW, bf16, other norms and activations, hooks on the layers, graph capture, no C compiler
 -- takes the two plain layers, so results never depend on which path ran beyond float rounding.
 
-The kernel compiles on first use (`cc -O3 -march=native -fopenmp`, about a second) into
-`$POINTWISE_ZOO_CACHE` (default `~/.cache/pointwise-zoo`), keyed by the source, the compiler and
-this CPU. Where that fails, a warning says why and the plain layers run. `models.kernels.plain()`
+The kernel compiles on first use with the zoo's other C kernels (`models/native.py`); where that
+fails, a warning says why and the plain layers run. `models.kernels.plain()`
 and ``POINTWISE_ZOO_PLAIN_KERNELS=1`` turn it off with the rest of the measured kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from . import kernels
+from . import kernels, native
 
 __all__ = ["batch_norm_act", "available", "FUSED_ACTIVATIONS"]
 
-SOURCE = Path(__file__).with_name("csrc") / "norm_act.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 # The activation classes the kernel computes, by the suffix of their C functions.
 FUSED_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
-
-_lib: ctypes.CDLL | None = None
-_load_failed: str | None = None
-_load_lock = threading.Lock()
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU model and flags (Linux), else the platform."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compile(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
-    cache = Path(os.environ.get("POINTWISE_ZOO_CACHE") or Path.home() / ".cache" / "pointwise-zoo")
-    target = cache / f"norm_act-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # compile aside, then rename: safe with concurrent processes
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed:\n{result.stderr.strip()[-2000:]}")
-            os.replace(built, target)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (once warned) where it cannot be built here."""
-    global _lib, _load_failed
-    if _lib is not None or _load_failed is not None:
-        return _lib
-    with _load_lock:
-        if _lib is not None or _load_failed is not None:
-            return _lib
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        try:
-            if not sys.platform.startswith("linux"):
-                # elsewhere PyTorch's OpenMP runtime is not the libgomp the compiler links
-                raise RuntimeError(f"only built on Linux (this is {sys.platform})")
-            if compiler is None:
-                raise RuntimeError("no C compiler found (set CC, or install gcc)")
-            lib = ctypes.CDLL(str(_compile(compiler)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _load_failed = str(err)
-            warnings.warn(
-                f"pointwise-zoo: the fused batch-norm + activation kernel is unavailable ({err}); training uses "
-                "PyTorch's separate layers (same results, slower on CPU). Set POINTWISE_ZOO_PLAIN_KERNELS=1 to "
-                "choose that path and silence this warning.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        _lib = lib
-    return _lib
+_ptr = native.ptr
 
 
 def available() -> bool:
     """True when the fused kernel is built and the measured kernels are switched on."""
-    return kernels.enabled() and _load() is not None
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+    return kernels.enabled() and native.lib() is not None
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -120,14 +44,14 @@ class _BatchNormAct(torch.autograd.Function):
         threads = torch.get_num_threads()
         gamma, beta = weight.detach().contiguous(), bias.detach().contiguous()
         mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
-        _lib.norm_act_stats(
+        native.lib().norm_act_stats(
             _ptr(x), ctypes.c_int64(rows), ctypes.c_int64(c), _ptr(gamma), ctypes.c_double(bn.eps),
             ctypes.c_double(bn.momentum), _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd),
             _ptr(a), ctypes.c_int(threads),
         )  # fmt: skip
         bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
         z = torch.empty_like(x)  # channels-last, as x
-        getattr(_lib, f"norm_act_forward_{act}")(
+        getattr(native.lib(), f"norm_act_forward_{act}")(
             _ptr(x), _ptr(z), ctypes.c_int64(rows), ctypes.c_int64(c), _ptr(mean), _ptr(a), _ptr(beta), ctypes.c_int(threads)
         )
         ctx.save_for_backward(x, gamma, beta, mean, invstd, a)
@@ -141,7 +65,7 @@ class _BatchNormAct(torch.autograd.Function):
         n, c, h, w = x.shape
         dz = dz.contiguous(memory_format=torch.channels_last)
         dx, dgamma, dbeta = torch.empty_like(x), torch.empty(c), torch.empty(c)
-        getattr(_lib, f"norm_act_backward_{ctx.act}")(
+        getattr(native.lib(), f"norm_act_backward_{ctx.act}")(
             _ptr(dz), _ptr(x), _ptr(dx), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(gamma), _ptr(mean),
             _ptr(invstd), _ptr(a), _ptr(beta), _ptr(dgamma), _ptr(dbeta), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
@@ -163,7 +87,7 @@ def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> str | None:
         return None  # (one value per channel: nn.BatchNorm2d raises the error)
     if torch.is_autocast_enabled("cpu"):
         return None  # autocast may want the norm in another dtype: leave it the choice
-    return FUSED_ACTIVATIONS[type(act)] if _load() is not None else None
+    return FUSED_ACTIVATIONS[type(act)] if native.lib() is not None else None
 
 
 def batch_norm_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> torch.Tensor:

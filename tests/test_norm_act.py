@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import models
-from models import kernels, norm_act
+from models import kernels, native, norm_act
 from models.layers import ConvNormAct
 
 pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)")
@@ -180,8 +180,8 @@ def test_conv_norm_act_uses_the_kernel_when_training(monkeypatch):
 
 
 def test_a_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(norm_act, "_lib", None)
-    monkeypatch.setattr(norm_act, "_load_failed", None)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_failed", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("POINTWISE_ZOO_CACHE", str(tmp_path / "cache"))
     bn, twin = _pair(8)
@@ -197,8 +197,8 @@ def test_a_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path):
 
 def test_the_kernel_compiles_into_the_cache_once(monkeypatch, tmp_path):
     monkeypatch.setenv("POINTWISE_ZOO_CACHE", str(tmp_path))
-    compiler = norm_act.os.environ.get("CC") or norm_act.shutil.which("cc") or norm_act.shutil.which("gcc")
-    first = norm_act._compile(compiler)
+    compiler = native.os.environ.get("CC") or native.shutil.which("cc") or native.shutil.which("gcc")
+    first = native._compile(compiler)
     stamp = first.stat().st_mtime_ns
-    assert norm_act._compile(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert native._compile(compiler) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temporary folder

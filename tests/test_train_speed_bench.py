@@ -123,3 +123,16 @@ def test_the_fused_norm_keeps_less_for_the_backward():
     plain = ts.TrainStep(ts.PlainKernels(ts.models.create_model("mobilenet_v2", width=0.35)), ts.DEFAULT, batch=4)
     fused_bytes, plain_bytes = zoo.kept_for_backward(), plain.kept_for_backward()
     assert 0 < fused_bytes < 0.8 * plain_bytes
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_depthwise_rows_cover_every_depthwise_layer_and_say_which_kernel_runs():
+    shapes = ts.depthwise_shapes(["mobilenet_v3_small"], batch=2)
+    model = ts.models.create_model("mobilenet_v3_small")
+    depthwise = [m for m in model.modules() if isinstance(m, ts.models.layers.DepthwiseConv)]
+    counts = [int(w.rsplit("x", 1)[1]) for where in shapes.values() for w in where]
+    assert sum(counts) == len(depthwise) == 11
+    rows = ts.depthwise_layers(["mobilenet_v3_small"], batch=2, rounds=1, warmup=0)
+    assert len(rows) == len(shapes) and all(r["onednn_ms"] > 0 and r["zoo_ms"] > 0 for r in rows)
+    assert {r["used"] for r in rows if r["kernel"] == 5} == {True} and {r["used"] for r in rows if r["kernel"] == 3} == {False}
+    assert "| 2x96x16x16 | 5 | 2 | mobilenet_v3_small x1 |" in ts.depthwise_table(rows)

@@ -9,7 +9,7 @@
  * is kept (the norm's input x; the normalised value and the activation's derivative are
  * recomputed from it, which costs arithmetic the memory-bound loops have spare).
  *
- * Compiled on first use by models/norm_act.py with OpenMP; linked by soname to the libgomp that
+ * Compiled on first use by models/native.py with OpenMP; linked by soname to the libgomp that
  * PyTorch has already loaded, so both share one thread pool. */
 #include <math.h>
 #include <stdint.h>
