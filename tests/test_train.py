@@ -188,6 +188,29 @@ def test_onecycle_schedule_runs_its_course(compose_train, tmp_path):
     assert len(lrs) == 8 and max(lrs) == pytest.approx(0.2, rel=0.05) and lrs[-1] < lrs[0] < max(lrs)
 
 
+def test_linear_schedule_warms_up_then_falls_in_a_straight_line(compose_train, tmp_path):
+    from training.module import warmup_linear
+
+    assert [warmup_linear(s, 10, 2, 0.1, 0.0) for s in (0, 1, 2, 6, 10, 12)] == pytest.approx([0.1, 0.55, 1.0, 0.5, 0.0, 0.0])
+    train(compose_train("optim/scheduler=linear", "trainer.max_epochs=2"))
+    lrs = [float(r["lr"]) for r in metrics_rows(tmp_path / "run") if r["lr"]]
+    falls = [a - b for a, b in zip(lrs[4:], lrs[5:])]  # from the peak the 1-epoch (4-step) warm-up reaches
+    assert len(lrs) == 8 and lrs[4] == max(lrs) == pytest.approx(0.2, rel=1e-5)
+    assert max(falls) == pytest.approx(min(falls), rel=1e-4) and min(falls) > 0  # equal steps down
+
+
+def test_norm_lr_factor_scales_the_norms_and_biases_rate_all_run_long(compose_train, tmp_path):
+    train(compose_train("optim.norm_lr_factor=3", "trainer.max_epochs=1"))
+    groups = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"]
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
+    assert groups[1]["lr"] == pytest.approx(3 * groups[0]["lr"]) and groups[0]["lr"] > 0
+    assert groups[1]["initial_lr"] == pytest.approx(3 * 0.2)
+    with pytest.raises(ConfigError, match=r"optim.norm_lr_factor=0.0: give a positive factor"):
+        train(compose_train("optim.norm_lr_factor=0"))
+    with pytest.raises(ConfigError, match=r"norm_lr_factor=2.0 needs a schedule .*one_cycle_schedule sets one lr"):
+        train(compose_train("optim.norm_lr_factor=2", "optim/scheduler=onecycle"))
+
+
 # -- exact resume -------------------------------------------------------------------------------
 
 

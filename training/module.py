@@ -23,11 +23,18 @@ from .models import build_model
 IGNORE = -1  # label of the padding the fast loader adds so every DDP rank sees the same batch count
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: norms' scales and all biases (1-D) are exempt."""
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, norm_lr_factor: float = 1.0) -> list[dict]:
+    """Weight decay on conv/linear weights only: norms' scales and all biases (1-D) are exempt.
+    `norm_lr_factor` (with `lr`) gives those 1-D parameters a learning rate `lr * norm_lr_factor`;
+    schedules scale both groups' rates alike."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    norms = {"params": no_decay, "weight_decay": 0.0}
+    if norm_lr_factor != 1.0:
+        if lr is None:
+            raise ValueError("norm_lr_factor needs the base lr")
+        norms["lr"] = lr * norm_lr_factor
+    return [{"params": decay, "weight_decay": weight_decay}, norms]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start_factor: float, final_factor: float) -> float:
@@ -38,6 +45,14 @@ def warmup_cosine(step: int, total: int, warmup: int, start_factor: float, final
     return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_linear(step: int, total: int, warmup: int, start_factor: float, final_factor: float) -> float:
+    """LR multiplier: linear warm-up from `start_factor` to 1, then a straight line down to `final_factor`."""
+    if step < warmup:
+        return start_factor + (1.0 - start_factor) * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_factor + (1.0 - final_factor) * (1.0 - progress)
+
+
 # -- schedules the optim/scheduler configs name: scheduler(optimizer, total_steps=..., warmup_steps=...) --
 
 
@@ -46,6 +61,13 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
     """The default: `warmup_cosine` per step, as a LambdaLR."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps, start_factor, final_factor))
+
+
+def warmup_linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                           start_factor: float = 0.1, final_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """`warmup_linear` per step, as a LambdaLR: the linear decay to zero the recipe A/B sets against cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_linear(s, total_steps, warmup_steps, start_factor, final_factor))
 
 
 def one_cycle_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, max_lr: float,
@@ -60,8 +82,8 @@ def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_schedu
 
 
 OPTIMIZERS = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}  # optim.name -> target
-SCHEDULES = {"cosine": f"{__name__}.warmup_cosine_schedule", "onecycle": f"{__name__}.one_cycle_schedule",
-             "constant": f"{__name__}.constant_schedule"}  # optim.schedule -> target
+SCHEDULES = {"cosine": f"{__name__}.warmup_cosine_schedule", "linear": f"{__name__}.warmup_linear_schedule",
+             "onecycle": f"{__name__}.one_cycle_schedule", "constant": f"{__name__}.constant_schedule"}  # optim.schedule -> target
 
 
 def optim_targets(optim: dict) -> tuple[dict, dict]:
@@ -84,10 +106,11 @@ def optim_targets(optim: dict) -> tuple[dict, dict]:
     if name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={name!r}: choose sgd or adamw")
     if schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={schedule!r}: choose cosine, onecycle or constant")
+        raise ConfigError(f"optim.schedule={schedule!r}: choose cosine, linear, onecycle or constant")
     opt = {"sgd": {"momentum": float(optim.get("momentum", 0.9)), "nesterov": bool(optim.get("nesterov", True))},
            "adamw": {}}[name]
-    sched = {"cosine": {"start_factor": float(optim.get("warmup_start_factor", 0.1)), "final_factor": float(optim.get("final_lr_factor", 0.0))},
+    warm = {"start_factor": float(optim.get("warmup_start_factor", 0.1)), "final_factor": float(optim.get("final_lr_factor", 0.0))}
+    sched = {"cosine": warm, "linear": warm,
              "onecycle": {"max_lr": lr, "cycle_momentum": name == "sgd"},
              "constant": {}}[schedule]
     return ({"_target_": OPTIMIZERS[name], "_partial_": True, "lr": lr, **opt},
@@ -289,7 +312,11 @@ class ClassifierModule(L.LightningModule):
         given the step counts it asks for (total_steps, warmup_steps, steps_per_epoch)."""
         cfg = self.config.get("optim") or {}
         opt_spec, sched_spec = optim_targets(cfg)
-        opt = _instantiate(opt_spec, "optim.optimizer")(param_groups(self.model, float(cfg.get("weight_decay", 0.0))))
+        factor = float(cfg.get("norm_lr_factor", 1.0))  # absent from checkpoints written before it
+        if not factor > 0:
+            raise ConfigError(f"optim.norm_lr_factor={factor}: give a positive factor (1.0: the same lr as the weights)")
+        groups = param_groups(self.model, float(cfg.get("weight_decay", 0.0)), float(cfg["lr"]) if "lr" in cfg else None, factor)
+        opt = _instantiate(opt_spec, "optim.optimizer")(groups)
 
         # The schedule spans optim.epochs (default: trainer.max_epochs), so a run stopped early
         # and resumed follows the same curve as one that ran through.
@@ -300,4 +327,8 @@ class ClassifierModule(L.LightningModule):
         warmup = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
         sched = call_with(_instantiate(sched_spec, "optim.scheduler"), opt, total_steps=total, warmup_steps=warmup,
                           steps_per_epoch=steps_per_epoch)
+        lrs = [g["lr"] for g in opt.param_groups]
+        if factor != 1.0 and lrs[0] > 0 and abs(lrs[1] / lrs[0] - factor) > 1e-6 * factor:
+            raise ConfigError(f"optim.norm_lr_factor={factor} needs a schedule that scales each group's own lr "
+                              f"(optim/scheduler=cosine, linear or constant); {sched_spec.get('_target_')} sets one lr for all")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
