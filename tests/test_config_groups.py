@@ -125,3 +125,23 @@ def test_callbacks_are_instantiated_by_name_and_can_be_switched_off(tmp_path):
     assert isinstance(callbacks("optim.ema_decay=0.9")["ema"], WeightEMA)
     with pytest.raises(ConfigError, match="callbacks.last_checkpoint is off"):
         callbacks("callbacks.last_checkpoint=null")
+
+
+def test_every_queue_job_composes_and_builds_its_model():
+    """Each job of tools/recipes.sh (entries, ablation runs, recipe A/Bs, finishing runs) is a valid
+    train.py command line: it composes, and its model builds with the options it names."""
+    import subprocess
+
+    from conftest import REPO
+
+    listing = subprocess.run(["bash", "-c", '. tools/recipes.sh; for r in "${RECIPES[@]}" "${ABLATION[@]}" "${AB[@]}" "${FINISH[@]}"; do echo "$r"; done'],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    jobs = dict(line.split("|", 1) for line in listing)
+    assert len(jobs) == len(listing) and {"ab.resnet20.e15.base", "ab.resnet20.e15.zero_gamma", "resnet20"} <= set(jobs)
+    for job, args in jobs.items():
+        cfg = compose_config("train", [a for a in args.split() if not a.startswith("init_weights=")])
+        assert cfg.trainer.max_epochs > 0, job
+        if job.startswith("ab."):
+            model = models.create_model(cfg.model.name, width=cfg.model.width, **cfg.model.kwargs)
+            if "zero_gamma" in job:
+                assert all(float(b.conv2.bn.weight.abs().sum()) == 0 for b in model.modules() if type(b).__name__ == "BasicBlock")

@@ -79,3 +79,21 @@ def test_cpu_queue_resumes_an_ablation_run_and_measures_it_once(tmp_path):
     assert [(r["model"], r["conv_mode"], r["seed"], r["epochs"]) for r in rows] == [("se_resnet20", "pointwise_kxk", "0", "1")]
     again = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"== {job}: trained" in again.stdout and "measure" not in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_cpu_queue_trains_a_recipe_ab_into_its_own_folder(tmp_path):
+    # a recipe A/B job trains into <RUNS>/ab/<job> with its change, exports nothing, and is skipped once done
+    runs = tmp_path / "runs"
+    job = "ab.resnet20.e15.linear"
+    env = dict(os.environ, RUNS=str(runs), PYTHON=sys.executable, THREADS="1", OMP_NUM_THREADS="1",
+               DATA_ROOT=str(make_imagefolder(tmp_path / "tree")),
+               EXTRA=f"{TINY.replace(' cpu_threads=1', '')} trainer.max_epochs=1 data.cache_dir={tmp_path / 'cache'}")
+    queue = [str(REPO / "tools" / "train_pretrained.sh"), job]
+    first = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = runs / "ab" / job
+    assert (run / "summary.json").is_file() and "optim/scheduler=linear" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert "export" not in first.stdout + first.stderr and not (runs / "pretrained").exists()
+    again = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"== {job}: trained" in again.stdout

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 from conftest import REPO
 
 MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.teacher_logits", "tools.ablation", "tools.model_table",
-           "tools.pack_cifar", "tools.gpu_schedule", "tools.slim_runs", "benchmarks.train_speed", "benchmarks.data_loading"]
+           "tools.pack_cifar", "tools.gpu_schedule", "tools.slim_runs", "tools.recipe_ab", "benchmarks.train_speed",
+           "benchmarks.data_loading"]
 
 
 def test_no_file_in_tools_or_benchmarks_edits_sys_path():
@@ -136,3 +138,30 @@ def test_cards_hold_no_path_of_the_machine_that_trained_them():
     assert repo_relative(config) == {"run_dir": "runs/r", "logger": [{"save_dir": "runs/r"}], "data": {"root": "/elsewhere"}}
     for card in (REPO / "models" / "weights").glob("*.json"):
         assert str(REPO) not in card.read_text(), card.name
+
+
+def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys):
+    from tools import recipe_ab
+
+    def run(name, acc, *overrides, finished=True):
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        plumbing = ["data.root=../shared/data/cifar10", "cpu_threads=2", "seed=0", f"hydra.run.dir=runs/ab/{name}"]
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["model=resnet20", "trainer.max_epochs=15", *overrides, *plumbing]))
+        if finished:
+            (folder / "summary.json").write_text(json.dumps({"final_val_acc": acc, "images_per_second": 500.0,
+                                                             "wall_seconds": 1800.0, "precision": "32-true"}))
+
+    run("ab.resnet20.e15.base", 0.9000)
+    run("ab.resnet20.e15.linear", 0.9025, "optim/scheduler=linear")
+    run("ab.resnet20.e15.ls0_2", 0.8990, "optim.label_smoothing=0.2")
+    run("ab.resnet20.e15.bs128", 0.95, "data.batch_size=128", finished=False)  # still training: not counted
+    run("ablation.resnet20.w1_0.separable.s0", 0.5)  # not an A/B
+    assert recipe_ab.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "### `resnet20`, 15 epochs" in out and "bs128" not in out and "ablation" not in out
+    assert "| `base` | (the default recipe) | 90.00% | - | 500 | 0.50 | 32-true |" in out
+    assert "| `linear` | `optim/scheduler=linear` | 90.25% | +0.25 |" in out
+    assert "| `ls0_2` | `optim.label_smoothing=0.2` | 89.90% | -0.10 |" in out
+    assert recipe_ab.main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err

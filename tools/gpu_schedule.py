@@ -10,7 +10,7 @@ JOB is a job of tools/recipes.sh (a shipped entry or an ablation run), in priori
    the real runs share it the same way. A probe that fails is tried again with the fallback overrides
    (float32, NCHW); a job whose probe fails twice is left out and its log's end printed.
 2. Run: jobs start in the order given, at most `--lanes` at a time (one CPU core each drives its GPU
-   work). A job named with its epochs (resnet56:100) or an ablation job (the ablation fixes its epochs)
+   work). A job named with its epochs (resnet56:100), an ablation job or a recipe A/B (they fix their epochs)
    starts only if all of them fit in the time left; a shipped entry named bare gets its recipe's epochs
    times `--stretch` (a GPU can afford the longer schedules the CIFAR repos use), or as many as fit if
    that is at least `--min-fraction` of the recipe's (the card records the epochs).
@@ -51,7 +51,7 @@ class Job:
     name: str
     args: list[str]
     epochs: int
-    fixed: bool  # the epochs must all run (named with them, or an ablation run)
+    fixed: bool  # the epochs must all run (named with them, an ablation run or a recipe A/B)
     probe_key: str
     extra: list[str] = field(default_factory=list)  # the fallback, if the probe needed it
     status: str = "queued"
@@ -85,7 +85,7 @@ def make_job(spec: str) -> Job:
     if setting(args, "seed") is None:
         args.append("seed=0")
     key = " ".join(a for a in args if a.split("=", 1)[0] not in ("seed", "trainer.max_epochs"))
-    return Job(name, args, int(setting(args, "trainer.max_epochs") or 100), bool(epochs) or name.startswith("ablation."), key)
+    return Job(name, args, int(setting(args, "trainer.max_epochs") or 100), bool(epochs) or name.startswith(("ablation.", "ab.")), key)
 
 
 def command(job_args: list[str], run: Path, data_root: str, extra: list[str]) -> list[str]:

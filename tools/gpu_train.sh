@@ -24,7 +24,8 @@
 #   here:   tools/gpu_train.sh unpack <folder holding the parts> [--hardware "NVIDIA H100 80GB"]
 #             restores runs/gpu/<entry>/ and exports each run as a shipped entry
 #             (python -m tools.export_weights: validation accuracy measured again here, card written);
-#             an ablation.* run becomes a row of docs/ablation/results.csv instead.
+#             an ablation.* run becomes a row of docs/ablation/results.csv instead, and a recipe A/B
+#             (ab.*) stays a run folder for python -m tools.recipe_ab.
 #
 # EXTRA (train) adds overrides to every run, e.g. EXTRA="trainer.limit_train_batches=2" for a smoke run;
 # RUNS (default runs) is where run folders go, GPU_DIR (default .gpu) where the data parts are; NO_EXPORT=1 (unpack) restores the runs without exporting.
@@ -65,7 +66,7 @@ train)
   $PY -m tools.gpu_schedule --runs "$RUNS/gpu" --data-root "$DATA_ROOT" --budget "${BUDGET:-0}" --lanes "${LANES:-3}" --stretch "${STRETCH:-1}" \
     --epoch-seconds "${EPOCH_SECONDS:-0}" \
     --extra "+trainer.benchmark=true ${EXTRA:-}" "$@"
-  rm -rf "$RUNS"/gpu/ablation.*/checkpoints
+  rm -rf "$RUNS"/gpu/ablation.*/checkpoints "$RUNS"/gpu/ab.*/checkpoints  # rows and A/Bs need the summaries only
   $PY -m tools.slim_runs --half "$RUNS/gpu" || exit 1
   (cd "$RUNS" && tar czf - gpu) | split -b 15m -d - "$OUT/gpu_runs.tar.part"
   ls -la "$OUT"
@@ -83,6 +84,7 @@ unpack)
     [ -f "$run/summary.json" ] || { echo "== $entry: did not finish (no summary.json)"; continue; }
     case "$entry" in
     ablation.*) $PY -m tools.ablation measure "$run" --append docs/ablation/results.csv --no-latency || echo "== $entry: measure failed" ;;
+    ab.*) echo "== $entry: a recipe A/B (python -m tools.recipe_ab report $RUNS/gpu)" ;;
     *) $PY -m tools.export_weights "$run" --entry "$entry" --data-root "$DATA_ROOT" --hardware "$hardware" || echo "== $entry: export failed" ;;
     esac
   done

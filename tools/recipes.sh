@@ -37,6 +37,17 @@ _ablation se_resnet20 1.0 30 0 separable pointwise_kxk
 _ablation resnet38_bottleneck 1.0 30 0 separable pointwise_kxk
 _ablation mobilenet_v2 0.5 30 0 separable full pointwise_kxk
 
+# AB: the recipe A/Bs (docs/recipe.md, "Measured"), named ab.<model>.e<epochs>.<variant>: the default
+# recipe ("base") against one change each, at the same short schedule. They go to runs/ab/<job>;
+# python -m tools.recipe_ab report runs/ab compares them.
+AB=()
+_ab() {  # _ab <model> <epochs> <variant>|<overrides> ...
+  local model=$1 epochs=$2 v; shift 2
+  for v in "$@"; do AB+=("ab.$model.e$epochs.${v%%|*}|model=$model trainer.max_epochs=$epochs ${v#*|}"); done
+}
+_ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoothing=0.2" \
+  "zero_gamma|+model.kwargs.zero_init_residual=true" "norm_lr3|optim.norm_lr_factor=3" "bs128|data.batch_size=128 optim.lr=0.1"
+
 # FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
 # weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped
 # schedule had reached (lr(t) of warm-up + cosine at the epoch it stopped) down to zero, from those
@@ -51,11 +62,12 @@ FINISH=(
 # recipe_for <job>: prints that job's overrides; fails for an unknown one.
 recipe_for() {
   local r
-  for r in "${RECIPES[@]}" "${ABLATION[@]}" "${FINISH[@]}"; do
+  for r in "${RECIPES[@]}" "${ABLATION[@]}" "${AB[@]}" "${FINISH[@]}"; do
     if [ "${r%%|*}" = "$1" ]; then echo "${r#*|}"; return 0; fi
   done
   echo "unknown job '$1'; entries: $(for r in "${RECIPES[@]}"; do printf '%s ' "${r%%|*}"; done)" \
     "ablation runs: $(for r in "${ABLATION[@]}"; do printf '%s ' "${r%%|*}"; done)" \
+    "recipe A/Bs: $(for r in "${AB[@]}"; do printf '%s ' "${r%%|*}"; done)" \
     "finishing runs: $(for r in "${FINISH[@]}"; do printf '%s ' "${r%%|*}"; done)" >&2
   return 1
 }

@@ -22,13 +22,14 @@ RESULTS=${RESULTS:-docs/ablation/results.csv}                 # the ablation's r
 . tools/recipes.sh  # RECIPES: entry | train.py overrides (shared with tools/gpu_train.sh)
 
 # Jobs run in the order named (default: every shipped entry); ablation.* jobs (tools/recipes.sh) go
-# to runs/ablation/<job> and into docs/ablation/results.csv instead of being exported.
+# to runs/ablation/<job> and into docs/ablation/results.csv instead of being exported, and the recipe
+# A/Bs (ab.*) to runs/ab/<job>, compared by python -m tools.recipe_ab.
 jobs=("$@")
 if [ ${#jobs[@]} -eq 0 ]; then for r in "${RECIPES[@]}"; do jobs+=("${r%%|*}"); done; fi
 for job in "${jobs[@]}"; do recipe_for "$job" >/dev/null || exit 2; done
 for job in "${jobs[@]}"; do
   args=$(recipe_for "$job")
-  case "$job" in ablation.*) run=$RUNS/ablation/$job ;; *) run=$RUNS/pretrained/$job ;; esac
+  case "$job" in ablation.*) run=$RUNS/ablation/$job ;; ab.*) run=$RUNS/ab/$job ;; *) run=$RUNS/pretrained/$job ;; esac
   [[ " $args " == *" seed="* ]] || args="$args seed=0"
   resume=()
   if [ -f "$run/summary.json" ]; then
@@ -42,6 +43,7 @@ for job in "${jobs[@]}"; do
   fi
   [ -f "$run/summary.json" ] || continue
   case "$job" in
+  ab.*) ;;  # a recipe A/B: compared by python -m tools.recipe_ab report runs/ab (docs/recipe.md)
   ablation.*)  # a row of the results file; latency is timed later, on an idle machine
     if [ "$run/summary.json" -nt "$run/.measured" ]; then
       $PY -m tools.ablation measure "$run" --append "$RESULTS" --no-latency && touch "$run/.measured" \
