@@ -145,6 +145,14 @@ def test_report_from_a_csv_alone_spans_families(tmp_path):
     assert [line.split(" | ")[1:3] for line in v1] == [["1", "separable"], ["2.98", "separable"], ["1", "full"]]
     assert "91.00% ± 1.41 (n=2)" in v1[0] and "2 (seed 0 1)" in v1[0]
     assert "ResNet basic" in printed
+    said = text[text.index("## What the numbers say"):text.index("## MobileNetV1")]
+    assert ("- `mobilenet_v1` at width 1, 100 epochs: `separable` 91.00%; `full` 93.00% (+2.00 points) for 8.00x the "
+            "mult-adds, 3.00x the batch-1 latency.") in said
+    assert "- `resnet20` at width 1, 100 epochs: `separable` 91.00%; `pointwise_kxk` 92.00% (+1.00 points) for 1.20x" in said
+    assert ("Equal cost, `mobilenet_v1` at 100 epochs: `separable` widened to 2.98 (79.0 M mult-adds) 92.50% against "
+            "`full` at width 1 (80.0 M) 93.00%.") in said
+    assert "- `mobilenet_v1` at width 2.98" not in said  # the widened row is read against full, not alone
+    assert "pays 8.55x the mult-adds for +1.1 points" in said
     for png in ("acc_vs_macs.png", "acc_vs_latency.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
 
