@@ -21,12 +21,14 @@ from training.data import (
     batch_flip,
     build_cache,
     cache_path,
+    check_progressive,
     find_source,
     load_cached,
+    progressive_size,
     stratified_split,
 )
 from training.config import to_plain
-from training.errors import DataError
+from training.errors import ConfigError, DataError
 
 
 def data_cfg(root: Path, cache: Path, **extra) -> dict:
@@ -183,6 +185,50 @@ def test_fast_loader_shards_across_ranks():
     ys = [torch.cat([y for _, y in e]) for e in evals]
     assert len(ys[0]) == len(ys[1]) == 11
     assert sorted(t for t in torch.cat(ys).tolist() if t >= 0) == list(range(21)) and (torch.cat(ys) == -1).sum() == 1
+
+
+def test_progressive_sizes_ramp_from_min_to_full_then_stay_full():
+    sizes = [progressive_size(e, 16, 32, min_size=16, start=0.25, end=0.75, step=8) for e in range(16)]
+    # flat at 16 until epoch 4, then linear to 32 at epoch 12, rounded to 8 (20 at epoch 6 and 28 at 10 round up)
+    assert sizes == [16] * 6 + [24] * 4 + [32] * 6
+    assert [progressive_size(e, 10, 32, min_size=24, end=0.5, step=4) for e in range(10)] == [24, 24, 28, 28, 32] + [32] * 5
+    assert {progressive_size(e, 10, 32, min_size=None) for e in range(10)} == {32}  # off
+    assert progressive_size(0, 10, 32, min_size=20, step=8) == 24 and progressive_size(9, 10, 28, min_size=16, step=8) == 28
+
+
+def test_progressive_loader_shrinks_the_same_views_and_leaves_evaluation_alone():
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    schedule = check_progressive({"min_size": 16, "end": 0.5})
+    make = lambda **kw: DeviceBatchLoader(images, torch.arange(20), 8, [0.5] * 3, [0.5] * 3, train=True, seed=3, **kw)
+    small, full = make(progressive=schedule, max_epochs=4), make()
+    assert small.image_size == 16 and full.image_size == 32
+    for (xs, ys), (xf, yf) in zip(_epoch(small, 0), _epoch(full, 0)):
+        # the same images, crops and flips as without resizing, each whole view shrunk to 16x16
+        assert xs.shape[-2:] == (16, 16) and torch.equal(ys, yf)
+        assert torch.allclose(xs, torch.nn.functional.interpolate(xf, size=(16, 16), mode="bilinear", antialias=True), atol=1e-6)
+    assert [x.shape[-1] for x, _ in _epoch(small, 1)] == [24] * 3 and small.image_size == 24
+    late = _epoch(small, 2)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(late, _epoch(full, 2)))  # full size: bit-identical
+    evaluation = DeviceBatchLoader(images, torch.arange(20), 8, [0.5] * 3, [0.5] * 3, train=False, progressive=schedule, max_epochs=4)
+    assert {x.shape[-1] for x, _ in evaluation} == {32}
+
+
+@pytest.mark.parametrize("cfg, names", [({"min_size": 4}, "min_size=4"), ({"min_size": 40}, "min_size=40"),
+                                        ({"min_size": 16, "start": 0.8, "end": 0.5}, "start=0.8"),
+                                        ({"min_size": 16, "step": 0}, "step=0")])
+def test_progressive_settings_that_make_no_schedule_are_named(cfg, names):
+    with pytest.raises(ConfigError, match=names):
+        check_progressive(cfg, full=32)
+    assert check_progressive({"min_size": None}) is None and check_progressive(None) is None
+
+
+def test_progressive_needs_the_fast_loader_and_a_run_length(tmp_path, imagefolder_root):
+    cfg = data_cfg(imagefolder_root, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="data.loader=fast"):
+        CifarDataModule({**cfg, "loader": "torchvision", "progressive": {"min_size": 16}}).check_progressive()
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        DeviceBatchLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4), 2, [0.5] * 3, [0.5] * 3,
+                          train=True, progressive={"min_size": 16}, max_epochs=-1)
 
 
 def test_datamodule_builds_train_val_and_reports_val_without_test(tmp_path, imagefolder_root):

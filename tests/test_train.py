@@ -211,6 +211,15 @@ def test_norm_lr_factor_scales_the_norms_and_biases_rate_all_run_long(compose_tr
         train(compose_train("optim.norm_lr_factor=2", "optim/scheduler=onecycle"))
 
 
+def test_progressive_resizing_trains_small_first_and_logs_each_epochs_side(compose_train, tmp_path):
+    train(compose_train("data.progressive.min_size=16", "data.progressive.end=0.5", "trainer.max_epochs=3"))
+    sides = [float(r["train/image_size"]) for r in metrics_rows(tmp_path / "run") if r.get("train/image_size")]
+    assert sides == [16.0, 24.0, 32.0]  # epoch 1 is halfway up the ramp
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_val_acc"] >= 0  # validated at 32x32
+    with pytest.raises(ConfigError, match="data.progressive.min_size=4"):
+        train(compose_train("data.progressive.min_size=4"))
+
+
 # -- exact resume -------------------------------------------------------------------------------
 
 

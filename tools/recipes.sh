@@ -45,8 +45,11 @@ _ab() {  # _ab <model> <epochs> <variant>|<overrides> ...
   local model=$1 epochs=$2 v; shift 2
   for v in "$@"; do AB+=("ab.$model.e$epochs.${v%%|*}|model=$model trainer.max_epochs=$epochs ${v#*|}"); done
 }
+# prog16: progressive resizing from 16x16 (about two thirds of base's compute at 15 epochs); prog16_e22 spends
+# base's compute on it instead (22 epochs; Hydra applies overrides in order, so its max_epochs wins).
 _ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoothing=0.2" \
-  "zero_gamma|+model.kwargs.zero_init_residual=true" "norm_lr3|optim.norm_lr_factor=3" "bs128|data.batch_size=128 optim.lr=0.1"
+  "zero_gamma|+model.kwargs.zero_init_residual=true" "norm_lr3|optim.norm_lr_factor=3" "bs128|data.batch_size=128 optim.lr=0.1" \
+  "prog16|data.progressive.min_size=16" "prog16_e22|data.progressive.min_size=16 trainer.max_epochs=22"
 
 # FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
 # weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped

@@ -51,9 +51,13 @@ class ThroughputMeter(L.Callback):
         self._epoch_start = None
         if trainer.is_global_zero and seconds > 0:
             # per epoch, so warm-up (first epoch, torch.compile) and steady state can be told apart
+            metrics = {"train/img_per_s": self._epoch_images / seconds, "train/epoch_seconds": seconds,
+                       "epoch": trainer.current_epoch}
+            side = getattr(trainer.train_dataloader, "image_size", None)  # the fast loader's, under data.progressive
+            if side is not None:
+                metrics["train/image_size"] = side
             for logger in trainer.loggers:
-                logger.log_metrics({"train/img_per_s": self._epoch_images / seconds, "train/epoch_seconds": seconds,
-                                    "epoch": trainer.current_epoch}, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _fit_elapsed(self) -> float:
         return time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0

@@ -389,6 +389,48 @@ class EpochOrder:
         return order, zeros, zeros, zeros.bool()
 
 
+# -- progressive resizing (data.progressive) ------------------------------------------------------
+# Early epochs see smaller images: a step costs about (side / 32)^2 of a full one, and what the
+# network learns first (colour, coarse shape) survives the downsampling. The side grows linearly
+# from `min_size` to full between two points of the run and is rounded to a multiple of `step`, the
+# schedule FFCV's ImageNet recipes use (libffcv/ffcv-imagenet, `get_resolution`: 160 -> 192 px,
+# rounded to 32). It depends on the epoch only, so a resumed run sees the sizes it would have seen.
+
+
+def progressive_size(epoch: int, max_epochs: int, full: int, min_size: int | None,
+                     start: float = 0.0, end: float = 0.75, step: int = 8) -> int:
+    """The training image side at `epoch` (0-based) of a `max_epochs` run: `min_size` until
+    `start * max_epochs`, `full` from `end * max_epochs` on, linear in between, rounded to the
+    nearest multiple of `step` (halves up) and kept within [min_size, full]. `min_size=None`: always `full`."""
+    if min_size is None or min_size >= full:
+        return full
+    first, last = start * max_epochs, end * max_epochs
+    frac = 1.0 if epoch >= last else max(0.0, (epoch - first) / (last - first))
+    side = math.floor((min_size + frac * (full - min_size)) / step + 0.5) * step  # halves round up
+    return int(min(full, max(min_size, side)))
+
+
+def check_progressive(cfg: Any, full: int | None = None) -> dict | None:
+    """data.progressive as keyword arguments of `progressive_size` (None when off); a ConfigError
+    naming the key and a value that works when a setting cannot be a schedule. `full`: the images'
+    side, once known."""
+    cfg = dict(cfg or {})
+    if cfg.get("min_size") is None:
+        return None
+    args = {"min_size": int(cfg["min_size"]), "start": float(cfg.get("start", 0.0)),
+            "end": float(cfg.get("end", 0.75)), "step": int(cfg.get("step", 8))}
+    if args["min_size"] < 8 or (full is not None and args["min_size"] > full):
+        side = f"the images' {full}" if full is not None else "the images' side"
+        raise ConfigError(f"data.progressive.min_size={args['min_size']}: the first epochs' image side must be "
+                          f"between 8 and {side} (e.g. 24 for CIFAR's 32), or null for no resizing")
+    if not 0.0 <= args["start"] < args["end"] <= 1.0:
+        raise ConfigError(f"data.progressive.start={args['start']} / end={args['end']}: fractions of "
+                          "trainer.max_epochs with 0 <= start < end <= 1 (e.g. start=0 end=0.75)")
+    if args["step"] < 1:
+        raise ConfigError(f"data.progressive.step={args['step']}: sizes are rounded to multiples of it; use 1 or more (8)")
+    return args
+
+
 def normalizer(mean, std, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with (x/255 - mean)/std = x * scale + shift for uint8 images x, per channel."""
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -410,6 +452,8 @@ class DeviceBatchLoader:
 
     `teacher`: cached teacher logits (N, views, classes) on the same device, for training; crops
     are then drawn on its grid (`grid_step`) and batches are (x, y, teacher logits of each view).
+    `progressive`: `progressive_size`'s schedule (with `max_epochs`), for training: each epoch's
+    augmented images are resized to its side (bilinear, antialiased) after normalisation.
     """
 
     def __init__(
@@ -427,6 +471,8 @@ class DeviceBatchLoader:
         world_size: int = 1,
         teacher: torch.Tensor | None = None,
         grid_step: int = 1,
+        progressive: dict | None = None,
+        max_epochs: int | None = None,
     ):
         self.images, self.labels = images, labels.to(images.device)
         self.batch_size, self.train, self.flip = batch_size, train, flip
@@ -440,6 +486,18 @@ class DeviceBatchLoader:
         self.sampler = EpochOrder(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world_size,
                                   pad=self.crop_padding, step=self.grid_step)
         self.batch_sampler = None
+        self.progressive = progressive if train else None
+        if self.progressive is not None and (not max_epochs or max_epochs < 0):
+            raise ConfigError("progressive resizing needs the run's length: set trainer.max_epochs (not -1)")
+        self.max_epochs = max_epochs
+
+    @property
+    def image_size(self) -> int:
+        """The side of this epoch's training images (the stored side unless resizing progressively)."""
+        full = int(self.images.shape[-1])
+        if self.progressive is None:
+            return full
+        return progressive_size(self.sampler.epoch, self.max_epochs, full, **self.progressive)
 
     def __len__(self) -> int:
         n, bs = self.sampler.per_rank, self.batch_size
@@ -449,6 +507,7 @@ class DeviceBatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order, dx, dy, flip = self.sampler.draw()
         flip = flip & self.flip  # a run without flips uses the un-flipped views only
+        side = self.image_size
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = order[sl].to(self.images.device)
@@ -461,6 +520,8 @@ class DeviceBatchLoader:
                 if self.flip:
                     x = batch_flip(x, flip[sl])
             x = normalize(x, self.scale, self.shift)
+            if side != x.shape[-1]:  # after the crop, so a small image is a whole view shrunk, not a part of it
+                x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             if self.teacher is not None:
                 views = view_ids(dx[sl], dy[sl], flip[sl], self.crop_padding, self.grid_step).to(idx.device)
                 yield x, y, self.teacher[idx, views].float()
@@ -635,6 +696,17 @@ class CifarDataModule(L.LightningDataModule):
             self.teacher = blob
         return self.teacher["meta"]
 
+    def check_progressive(self) -> dict | None:
+        """data.progressive's schedule (None when off), checked (against the images' side once they
+        are read); the pipeline calls it before training."""
+        images = self.splits.get("train", (None,))[0]
+        full = int(images.shape[-1]) if isinstance(images, torch.Tensor) else None
+        schedule = check_progressive(self.cfg.get("progressive"), full=full)
+        if schedule is not None and self.loader != "fast":
+            raise ConfigError(f"data.progressive.min_size is set but data.loader={self.loader}: progressive resizing "
+                              "resizes whole batches in the fast loader; use data.loader=fast")
+        return schedule
+
     @property
     def has_test(self) -> bool:
         self.locate()
@@ -721,7 +793,9 @@ class CifarDataModule(L.LightningDataModule):
             return DeviceBatchLoader(items, labels, bs, self.mean, self.std, train, seed=self.seed,
                                      crop_padding=pad, flip=flip, rank=rank, world_size=world,
                                      teacher=teacher["logits"] if teacher else None,
-                                     grid_step=teacher["meta"]["grid_step"] if teacher else 1)
+                                     grid_step=teacher["meta"]["grid_step"] if teacher else 1,
+                                     progressive=self.check_progressive() if train else None,
+                                     max_epochs=self.trainer.max_epochs if self.trainer is not None else None)
         size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
         dataset = PerImageDataset(items, labels, per_image_transform(self.mean, self.std, train, pad, flip, size))
         workers = int(self.cfg.get("num_workers", 2))

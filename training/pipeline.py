@@ -187,6 +187,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"))
     datamodule.locate()
     teacher = datamodule.check_teacher()
+    datamodule.check_progressive()
     if teacher:  # saved with the config in every checkpoint, so an export card can name the teacher
         config["distill"]["teacher"] = teacher["teacher"]
     module = ClassifierModule(config)
