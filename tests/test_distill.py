@@ -57,6 +57,7 @@ def test_the_tool_writes_each_views_teacher_logits_with_its_metadata(tiny):
     blob = torch.load(tiny["file"], weights_only=True)
     logits, meta = blob["logits"], blob["meta"]
     images, labels = tiny["split"]
+    assert not list(tiny["file"].parent.glob("*.partial"))  # the resume file goes once the logits are written
     assert logits.dtype == torch.float16 and logits.shape == (60, 18, 10) == (len(images), meta["views"], 10)
     assert meta["teacher"]["kind"] == "checkpoint" and meta["teacher"]["epoch"] == 7 and str(tiny["ckpt"]) in meta["teacher"]["name"]
     assert (meta["val_size"], meta["split_seed"], meta["crop_padding"], meta["grid_step"], meta["n_train"]) == (20, 0, FILE_PAD, STEP, 60)
@@ -74,6 +75,37 @@ def test_the_tool_writes_each_views_teacher_logits_with_its_metadata(tiny):
         assert torch.allclose(logits[i, v].float(), expected.flatten(), atol=2e-2, rtol=1e-2), (i, v)
     plain = views.index((FILE_PAD, FILE_PAD, False))
     assert meta["teacher_train_acc"] == pytest.approx(float((logits[:, plain].float().argmax(-1) == labels).float().mean()))
+
+
+def test_a_killed_teacher_run_resumes_from_its_partial_file(tmp_path):
+    from tools.teacher_logits import teacher_logits
+
+    class Dies(torch.nn.Module):  # a teacher whose process is killed during its `die_at`-th forward
+        def __init__(self, die_at=None):
+            super().__init__()
+            self.conv, self.calls, self.die_at = torch.nn.Conv2d(3, 10, 3), 0, die_at
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == self.die_at:
+                raise KeyboardInterrupt
+            return self.conv(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    teacher = Dies()
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    args = (images, [0.5] * 3, [0.25] * 3, FILE_PAD, STEP, 4)  # 3 batches of 18 views
+    whole = teacher_logits(teacher, *args, progress=False)
+    partial = tmp_path / "t.partial"
+    teacher.calls, teacher.die_at = 0, 18 * 2 + 5  # inside the third batch: two are saved
+    with pytest.raises(KeyboardInterrupt):
+        teacher_logits(teacher, *args, progress=False, partial=partial, key="k", save_every_s=0)
+    teacher.calls, teacher.die_at = 0, None
+    assert torch.equal(teacher_logits(teacher, *args, progress=False, partial=partial, key="k"), whole)
+    assert teacher.calls == 18  # the last batch only
+    teacher.calls = 0
+    teacher_logits(teacher, *args, progress=False, partial=partial, key="other teacher")
+    assert teacher.calls == 3 * 18  # a partial file of other logits is not used
 
 
 def test_the_loader_draws_on_the_grid_and_serves_each_samples_view():
@@ -104,6 +136,12 @@ def test_the_loader_draws_on_the_grid_and_serves_each_samples_view():
                               seed=3, crop_padding=PAD, teacher=teacher, grid_step=STEP)
     again.sampler.set_epoch(2)
     assert all(torch.equal(a, b) for first, second in zip(loader, again) for a, b in zip(first, second))
+
+    # data.augment.crop_step alone (a distillation A/B's control): the same crops, no teacher rows
+    control = DeviceBatchLoader(images, torch.zeros(n, dtype=torch.long), 5, [0.0] * 3, [1 / 255] * 3, train=True,
+                                seed=3, crop_padding=PAD, grid_step=STEP)
+    control.sampler.set_epoch(2)
+    assert all(len(c) == 2 and torch.equal(c[0], t[0]) for c, t in zip(control, loader))
 
 
 def test_without_a_teacher_the_draws_are_the_ones_runs_before_the_grid_made():
@@ -195,6 +233,9 @@ def test_a_missing_file_and_the_torchvision_loader_are_refused(tiny, compose_tra
         CifarDataModule(data_cfg, distill={"logits": str(tiny["tmp"] / "nope.pt")}).check_teacher()
     with pytest.raises(ConfigError, match="needs data.loader=fast"):
         train(compose_train(f"distill.logits={tiny['file']}", "data.loader=torchvision"))
+    with pytest.raises(ConfigError, match=r"crop_step=3 but .* grid of step 2: drop the override"):
+        CifarDataModule({**data_cfg, "augment": {"crop_padding": FILE_PAD, "crop_step": 3}},
+                        distill={"logits": str(tiny["file"])}).check_teacher()
 
 
 def test_a_shipped_teacher_is_named_by_entry_and_sha256():

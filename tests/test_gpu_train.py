@@ -97,3 +97,25 @@ def test_cpu_queue_trains_a_recipe_ab_into_its_own_folder(tmp_path):
     assert "export" not in first.stdout + first.stderr and not (runs / "pretrained").exists()
     again = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"== {job}: trained" in again.stdout
+
+
+@pytest.mark.slow
+def test_cpu_queue_caches_a_teachers_logits_once_before_the_distilled_ab(tmp_path):
+    # a distillation A/B reads $TEACHER_DIR/<entry>.pt: the queue makes it from the shipped entry first,
+    # the run trains against it and records its teacher, and a second pass makes and trains nothing
+    import json
+
+    runs, teachers = tmp_path / "runs", tmp_path / "teachers"
+    job = "ab.resnet20.e15.kd_r20"
+    env = dict(os.environ, RUNS=str(runs), PYTHON=sys.executable, THREADS="1", OMP_NUM_THREADS="1",
+               TEACHER_DIR=str(teachers), PZ_CACHE_DIR=str(tmp_path / "cache"),
+               DATA_ROOT=str(make_imagefolder(tmp_path / "tree")),
+               EXTRA=f"{TINY.replace(' cpu_threads=1', '')} trainer.max_epochs=1")
+    queue = [str(REPO / "tools" / "train_pretrained.sh"), job]
+    first = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "== teacher resnet20: caching its logits" in first.stdout and (teachers / "resnet20.pt").is_file()
+    summary = json.loads((runs / "ab" / job / "summary.json").read_text())
+    assert "resnet20" in summary["teacher"]
+    again = subprocess.run(queue, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "teacher" not in again.stdout and f"== {job}: trained" in again.stdout

@@ -156,12 +156,16 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
     run("ab.resnet20.e15.linear", 0.9025, "optim/scheduler=linear")
     run("ab.resnet20.e15.ls0_2", 0.8990, "optim.label_smoothing=0.2")
     run("ab.resnet20.e15.bs128", 0.95, "data.batch_size=128", finished=False)  # still training: not counted
+    run("ab.resnet20.e15.grid2", 0.8980, "data.augment.crop_step=2")
+    run("ab.resnet20.e15.kd_r20", 0.9050, "data.augment.crop_step=2", "distill.logits=t.pt")
     run("ablation.resnet20.w1_0.separable.s0", 0.5)  # not an A/B
     assert recipe_ab.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "### `resnet20`, 15 epochs" in out and "bs128" not in out and "ablation" not in out
-    assert "| `base` | (the default recipe) | 90.00% | - | 500 | 0.50 | 32-true |" in out
-    assert "| `linear` | `optim/scheduler=linear` | 90.25% | +0.25 |" in out
+    assert "| `base` | (the default recipe) | 90.00% | - |  | 500 | 0.50 | 32-true |" in out
+    assert "| `linear` | `optim/scheduler=linear` | 90.25% | +0.25 |  |" in out
+    assert "| `grid2` | `data.augment.crop_step=2` | 89.80% | -0.20 |  |" in out
+    assert "| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | +0.50 | +0.70 vs `grid2` |" in out
     assert "| `ls0_2` | `optim.label_smoothing=0.2` | 89.90% | -0.10 |" in out
     assert recipe_ab.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err

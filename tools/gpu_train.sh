@@ -62,6 +62,11 @@ train)
     DATA_ROOT=$GPU_DIR/data
     $PY -m tools.pack_cifar --from-webp $GPU_DIR/p* --out $DATA_ROOT >/dev/null || exit 2
   fi
+  for spec in "$@"; do  # cached teacher logits the distillation jobs read: minutes on a GPU, made first
+    teacher=$(teacher_of "${spec%%:*}")
+    # shellcheck disable=SC2046,SC2086
+    if [ -n "$teacher" ]; then make_teacher "$teacher" "$DATA_ROOT" "$PY" $(recipe_for "${spec%%:*}") ${EXTRA:-} || exit 1; fi
+  done
   # cudnn.benchmark: every batch has one shape, so the fastest convolution algorithm is worth finding once
   $PY -m tools.gpu_schedule --runs "$RUNS/gpu" --data-root "$DATA_ROOT" --budget "${BUDGET:-0}" --lanes "${LANES:-3}" --stretch "${STRETCH:-1}" \
     --epoch-seconds "${EPOCH_SECONDS:-0}" \

@@ -8,6 +8,10 @@ beyond the base run's (`.hydra/overrides.yaml`). Accuracy is the final weights' 
 validation split, as every shipped card reports it; img/s and hours are the run's own, so runs from
 different machines (or sharing one) compare on accuracy, not on time. One seed per variant: a
 difference under about 0.3 points is inside what seeds alone move (docs/recipe.md).
+
+A run whose overrides contain another variant's (beyond base) is also set against that one, its
+control: `kd_r20` (crops on the teacher's grid + the teacher) against `grid2` (the grid alone),
+`prog16_e22` (progressive, 22 epochs) against `prog16` (progressive, 15).
 """
 
 from __future__ import annotations
@@ -52,18 +56,22 @@ def report(runs: list[dict]) -> str:
     for (model, epochs), group in sorted(groups.items()):
         base = next((r for r in group if r["variant"] == "base"), None)
         base_acc = 100 * base["summary"]["final_val_acc"] if base else None
+        changes = {r["variant"]: [o for o in r["overrides"] if not base or o not in base["overrides"]] for r in group}
         rows = []
         for r in sorted(group, key=lambda r: (r["variant"] != "base", r["variant"])):
             s = r["summary"]
             acc = 100 * s["final_val_acc"]
-            change = [o for o in r["overrides"] if not base or o not in base["overrides"]]
+            change = changes[r["variant"]]
             delta = "-" if r is base or base_acc is None else f"{acc - base_acc:+.2f}"
+            control = max((c for c in group if c is not base and c is not r and changes[c["variant"]]
+                           and set(changes[c["variant"]]) < set(change)), key=lambda c: len(changes[c["variant"]]), default=None)
+            vs_control = f"{acc - 100 * control['summary']['final_val_acc']:+.2f} vs `{control['variant']}`" if control else ""
             rows.append([f"`{r['variant']}`", " ".join(f"`{o}`" for o in change) or "(the default recipe)", f"{acc:.2f}%",
-                         delta, f"{s['images_per_second']:,.0f}", f"{s['wall_seconds'] / 3600:.2f}", s.get("precision", "")])
+                         delta, vs_control, f"{s['images_per_second']:,.0f}", f"{s['wall_seconds'] / 3600:.2f}", s.get("precision", "")])
         note = "" if base else "\n(no finished `base` run yet: no differences)\n"
         parts.append(f"### `{model}`, {epochs} epochs\n\n" + md_table(
-            ["variant", "change", "val acc (final EMA)", "vs base", "img/s", "hours", "precision"], rows,
-            right=[False, False, True, True, True, True, False]) + "\n" + note)
+            ["variant", "change", "val acc (final EMA)", "vs base", "vs its control", "img/s", "hours", "precision"], rows,
+            right=[False, False, True, True, True, True, True, False]) + "\n" + note)
     return "\n".join(parts) if parts else "(no finished recipe A/B runs)\n"
 
 

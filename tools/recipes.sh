@@ -37,6 +37,10 @@ _ablation se_resnet20 1.0 30 0 separable pointwise_kxk
 _ablation resnet38_bottleneck 1.0 30 0 separable pointwise_kxk
 _ablation mobilenet_v2 0.5 30 0 separable full pointwise_kxk
 
+# Distillation jobs read a shipped entry's cached logits, distill.logits=$TEACHER_DIR/<entry>.pt; both
+# queues make that file (python -m tools.teacher_logits, resumable) before the first job that reads it.
+TEACHER_DIR=${TEACHER_DIR:-data_cache/teacher_logits}
+
 # AB: the recipe A/Bs (docs/recipe.md, "Measured"), named ab.<model>.e<epochs>.<variant>: the default
 # recipe ("base") against one change each, at the same short schedule. They go to runs/ab/<job>;
 # python -m tools.recipe_ab report runs/ab compares them.
@@ -49,7 +53,11 @@ _ab() {  # _ab <model> <epochs> <variant>|<overrides> ...
 # base's compute on it instead (22 epochs; Hydra applies overrides in order, so its max_epochs wins).
 _ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoothing=0.2" \
   "zero_gamma|+model.kwargs.zero_init_residual=true" "norm_lr3|optim.norm_lr_factor=3" "bs128|data.batch_size=128 optim.lr=0.1" \
-  "prog16|data.progressive.min_size=16" "prog16_e22|data.progressive.min_size=16 trainer.max_epochs=22"
+  "prog16|data.progressive.min_size=16" "prog16_e22|data.progressive.min_size=16 trainer.max_epochs=22" \
+  "grid2|data.augment.crop_step=2" "kd_r20|data.augment.crop_step=2 distill.logits=$TEACHER_DIR/resnet20.pt"
+# kd_r20: distilled from the shipped resnet20's cached logits (docs/recipe.md); its student draws crops on
+# the teacher file's 2-pixel grid (crop_step=2 says so; the file sets it anyway), so grid2 (the same grid,
+# no teacher) is its control, not base: tools/recipe_ab sets a run against the variant its overrides contain.
 
 # FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
 # weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped
@@ -65,6 +73,24 @@ FINISH=(
   # that stopped short of the floor: se_resnet20's 30-epoch ablation run (the plain network) reached 90.54%.
   "finish.se_resnet20|model=se_resnet20 init_weights=runs/ablation/ablation.se_resnet20.w1_0.separable.s0/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=10"
 )
+
+# teacher_of <job>: the shipped entry whose cached logits the job reads (nothing when it distills nothing).
+teacher_of() {
+  local a
+  for a in $(recipe_for "$1"); do
+    case "$a" in "distill.logits=$TEACHER_DIR/"*.pt) a=${a#"distill.logits=$TEACHER_DIR/"}; echo "${a%.pt}" ;; esac
+  done
+}
+
+# make_teacher <entry> <data root> <python> [override ...]: caches <entry>'s logits unless they are there
+# (resumes a killed run); the data.* overrides among the rest (the job's and EXTRA's) say which split.
+make_teacher() {
+  local entry=$1 root=$2 py=$3 a data=(); shift 3
+  [ -f "$TEACHER_DIR/$entry.pt" ] && return 0
+  for a in "$@"; do case "$a" in data.root=*) ;; data.*) data+=("$a") ;; esac; done
+  echo "== teacher $entry: caching its logits in $TEACHER_DIR/$entry.pt ($(date +%H:%M:%S))"
+  "$py" -m tools.teacher_logits --teacher "$entry" --data-root "$root" --out "$TEACHER_DIR/$entry.pt" "${data[@]}"
+}
 
 # recipe_for <job>: prints that job's overrides; fails for an unknown one.
 recipe_for() {

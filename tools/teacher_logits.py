@@ -86,18 +86,29 @@ def data_config(name: str | None, root: str, overrides: list[str]) -> dict:
 
 @torch.inference_mode()
 def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], pad: int, step: int,
-                   batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = True,
+                   partial: Path | None = None, key: str = "", save_every_s: float = 300.0) -> torch.Tensor:
     """fp16 logits (N, views, classes) of `model` on every view of `grid_views(pad, step)` of the uint8
-    images: the crops and flips `batch_crop`/`batch_flip` make in training, normalised the same way."""
+    images: the crops and flips `batch_crop`/`batch_flip` make in training, normalised the same way.
+
+    `partial`: a file the finished batches are saved to every `save_every_s` seconds, and resumed
+    from when it was written for the same `key` (teacher, data, grid, batch size): on a CPU the
+    teacher runs for hours, and a killed queue must not start it over."""
     device = torch.device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
     views = grid_views(pad, step)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
     scale = (1.0 / (255.0 * std_t))[None, :, None, None]
     shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t)[None, :, None, None]
-    out, start = None, time.perf_counter()
+    out, first, start = None, 0, time.perf_counter()
     batches = math.ceil(len(images) / batch_size)
-    for b in range(batches):
+    if partial is not None and partial.is_file():
+        saved = torch.load(partial, weights_only=True)
+        if saved.get("key") == key:
+            out, first = saved["logits"], int(saved["done_batches"])
+            print(f"  resuming from {partial}: {first}/{batches} batches done", flush=True)
+    last_save = time.perf_counter()
+    for b in range(first, batches):
         x = images[b * batch_size:(b + 1) * batch_size].to(device)
         n = len(x)
         for v, (dx, dy, flip) in enumerate(views):
@@ -108,12 +119,17 @@ def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], st
             if out is None:
                 out = torch.empty(len(images), len(views), logits.shape[1], dtype=torch.float16)
             out[b * batch_size:b * batch_size + n, v] = logits.half().cpu()
+        if partial is not None and (time.perf_counter() - last_save > save_every_s) and b + 1 < batches:
+            tmp = partial.with_suffix(".tmp")
+            torch.save({"key": key, "done_batches": b + 1, "logits": out}, tmp)
+            tmp.replace(partial)  # a kill mid-save leaves the previous partial file whole
+            last_save = time.perf_counter()
         if progress:
-            done, spent = b + 1, time.perf_counter() - start
-            seen = min(done * batch_size, len(images))
-            rate = seen * len(views) / spent
+            done, spent = b + 1 - first, time.perf_counter() - start
+            seen = min((b + 1) * batch_size, len(images))
+            rate = done * batch_size * len(views) / spent
             print(f"  {seen}/{len(images)} images x {len(views)} views, "
-                  f"{spent:.0f} s, {rate:.0f} forwards/s, about {spent / done * (batches - done):.0f} s left", flush=True)
+                  f"{spent:.0f} s, {rate:.0f} forwards/s, about {spent / done * (batches - b - 1):.0f} s left", flush=True)
     return out
 
 
@@ -148,16 +164,21 @@ def make(teacher: str, data_root: str, out: str | Path | None = None, step: int 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"teacher {identity['name']}: {len(images)} training images x {len(views)} views "
           f"(pad {pad}, step {step}) on {device}", flush=True)
-    logits = teacher_logits(model, images, norm["mean"], norm["std"], pad, step, batch_size, device, progress)
+    path = Path(out) if out else None
+    partial = (path or default_out(data_cfg, {**meta, "teacher": identity})).with_suffix(".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    key = repr((identity, meta, norm, batch_size))  # what the logits depend on: another value starts over
+    logits = teacher_logits(model, images, norm["mean"], norm["std"], pad, step, batch_size, device, progress,
+                            partial=partial, key=key)
     plain = views.index((pad, pad, False))
     acc = float((logits[:, plain].float().argmax(-1) == labels).float().mean())
     meta.update(teacher=identity, mean=[float(m) for m in norm["mean"]], std=[float(s) for s in norm["std"]],
                 n_train=len(images), views=len(views), teacher_train_acc=acc, created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    path = Path(out) if out else default_out(data_cfg, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = path or default_out(data_cfg, meta)
     tmp = path.with_suffix(".tmp")
     torch.save({"logits": logits, "meta": meta}, tmp)
     tmp.replace(path)
+    partial.unlink(missing_ok=True)
     print(f"teacher accuracy on the un-augmented training images: {100 * acc:.2f}%\n"
           f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): train with distill.logits={path}", flush=True)
     return path

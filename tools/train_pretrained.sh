@@ -35,6 +35,9 @@ for job in "${jobs[@]}"; do
   if [ -f "$run/summary.json" ]; then
     echo "== $job: trained ($run/summary.json)"
   else
+    teacher=$(teacher_of "$job")
+    # shellcheck disable=SC2086
+    if [ -n "$teacher" ]; then make_teacher "$teacher" "$DATA_ROOT" "$PY" $args ${EXTRA:-} || { echo "== $job: teacher $teacher failed"; continue; }; fi
     [ -f "$run/checkpoints/last.ckpt" ] && resume=("ckpt_path=$run/checkpoints/last.ckpt")
     echo "== $job: training ${resume[*]:-from scratch} ($(date +%H:%M:%S))"
     # shellcheck disable=SC2086

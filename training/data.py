@@ -452,6 +452,8 @@ class DeviceBatchLoader:
 
     `teacher`: cached teacher logits (N, views, classes) on the same device, for training; crops
     are then drawn on its grid (`grid_step`) and batches are (x, y, teacher logits of each view).
+    `grid_step` alone (data.augment.crop_step) draws crops on that grid without a teacher: the
+    control of a distillation A/B, whose student only ever sees grid crops.
     `progressive`: `progressive_size`'s schedule (with `max_epochs`), for training: each epoch's
     augmented images are resized to its side (bilinear, antialiased) after normalisation.
     """
@@ -478,8 +480,8 @@ class DeviceBatchLoader:
         self.batch_size, self.train, self.flip = batch_size, train, flip
         self.crop_padding = crop_padding if train else 0
         self.teacher = teacher if train else None
-        self.grid_step = grid_step if self.teacher is not None else 1
-        if self.teacher is not None:
+        self.grid_step = grid_step if self.crop_padding else 1
+        if self.grid_step != 1:
             grid_side(self.crop_padding, self.grid_step)
         self.scale, self.shift = normalizer(mean, std, images.device)
         # `sampler`/`batch_sampler` as on a DataLoader: Lightning calls sampler.set_epoch each epoch
@@ -691,7 +693,13 @@ class CifarDataModule(L.LightningDataModule):
         if self.teacher is None:
             self.locate()
             blob = read_teacher_logits(self.distill_path, self.cfg)
-            expected = teacher_data_meta(self.cfg, self.train_source, int(blob["meta"].get("grid_step", 1)))
+            step = int(blob["meta"].get("grid_step", 1))
+            asked = int((self.cfg.get("augment") or {}).get("crop_step", 1))
+            if asked not in (1, step):
+                raise ConfigError(f"data.augment.crop_step={asked} but distill.logits={self.distill_path} holds crops on a "
+                                  f"grid of step {step}: drop the override (the teacher's grid is used) or re-make the "
+                                  f"file with --step {asked}")
+            expected = teacher_data_meta(self.cfg, self.train_source, step)
             check_teacher_meta(blob["meta"], expected, self.distill_path, self.cfg)
             self.teacher = blob
         return self.teacher["meta"]
@@ -793,7 +801,7 @@ class CifarDataModule(L.LightningDataModule):
             return DeviceBatchLoader(items, labels, bs, self.mean, self.std, train, seed=self.seed,
                                      crop_padding=pad, flip=flip, rank=rank, world_size=world,
                                      teacher=teacher["logits"] if teacher else None,
-                                     grid_step=teacher["meta"]["grid_step"] if teacher else 1,
+                                     grid_step=teacher["meta"]["grid_step"] if teacher else int(aug.get("crop_step", 1)),
                                      progressive=self.check_progressive() if train else None,
                                      max_epochs=self.trainer.max_epochs if self.trainer is not None else None)
         size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
