@@ -42,6 +42,11 @@ Part 5 (`--depthwise [MODEL ...]`): every distinct depthwise layer of the Mobile
 xception_small that the zoo's C kernels cover (`models/depthwise.py`), forward + backward at
 `--all-batch`, oneDNN's conv (kernels switched off) against the kernels, in the same rounds.
 
+Part 6 (`--norm-act-depthwise [MODEL ...]`): every distinct expanded map of the inverted residuals
+(mobilenet_v2 and the MobileNetV3s) going norm -> activation -> depthwise conv, forward + backward at
+`--all-batch`, as two layers (`models/norm_act.py`'s kernel, then the conv) against one kernel
+(`models/norm_act_depthwise.py`), in the same rounds: the measurement behind its `kernel_wins`.
+
 Timing (as the other benchmarks, `benchmarks/common.py`): `--warmup` untimed steps per row, then
 `--rounds` rounds; each round runs every row for `--steps` steps (one sample), in an order that
 rotates every round. img/s = batch x steps / seconds of a sample; the table shows the median over
@@ -436,27 +441,36 @@ def precision_table(rows: list[dict]) -> str:
 DEPTHWISE_MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "xception_small")
 
 
-def depthwise_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
-    """Each distinct depthwise conv input (batch, C, H, W, k, stride) the C kernels cover in these
-    models (cifar stem, a training forward at `batch`; where they are used or not), with the models
-    and counts that have it."""
+def layer_inputs(names: list[str], batch: int, layer: type, describe: Callable) -> dict[tuple, list[str]]:
+    """Each distinct `describe(module, input)` (None: not counted) over the `layer` modules of these
+    models (cifar stem, a training forward at `batch`), with the models and counts that have it."""
     shapes: dict[tuple, list[str]] = {}
     for name in names:
         model = models.create_model(name, num_classes=10).to(memory_format=torch.channels_last)
         seen: list[tuple] = []
 
         def record(module, args, seen=seen):
-            x = args[0]
-            if models.depthwise._covered(x, module.conv):
-                seen.append((*x.shape, module.conv.kernel_size[0], module.conv.stride[0]))
+            shape = describe(module, args[0])
+            if shape is not None:
+                seen.append(shape)
 
-        hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, models.layers.DepthwiseConv)]
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, layer)]
         model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
         for h in hooks:
             h.remove()
         for shape in sorted(set(seen), key=seen.index):
             shapes.setdefault(shape, []).append(f"{name} x{seen.count(shape)}")
     return shapes
+
+
+def depthwise_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
+    """Each distinct depthwise conv input (batch, C, H, W, k, stride) the C kernels cover in these
+    models (where they are used or not), with the models and counts that have it."""
+    def describe(module, x):
+        conv = module.conv
+        return (*x.shape, conv.kernel_size[0], conv.stride[0]) if models.depthwise._covered(x, conv) else None
+
+    return layer_inputs(names, batch, models.layers.DepthwiseConv, describe)
 
 
 def depthwise_layers(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
@@ -489,6 +503,94 @@ def depthwise_table(rows: list[dict]) -> str:
                     [[r["shape"], r["kernel"], r["stride"], r["models"], f"{r['onednn_ms']:.2f}", f"{r['zoo_ms']:.2f}",
                       f"{r['speedup']:.2f}x", "zoo" if r["used"] else "oneDNN"] for r in rows],
                     right=[False, True, True, False, True, True, True, False])
+
+
+# -- part 6: the expand's norm + act fused into the depthwise conv --------------------------------
+
+NORM_ACT_DW_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+
+
+def norm_act_dw_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
+    """Each distinct (batch, C, H, W, k, stride, activation) at which an inverted residual's expanded
+    map goes norm -> act -> depthwise conv in these models, with the models and counts that have it."""
+    def describe(block, x):
+        if type(block.conv_pw) is not models.layers.ConvNormAct:
+            return None  # no expand
+        conv = block.conv_dw.conv
+        return (x.shape[0], conv.in_channels, *x.shape[2:], conv.kernel_size[0], conv.stride[0], type(block.conv_pw.act).__name__)
+
+    return layer_inputs(names, batch, models.layers.InvertedResidual, describe)
+
+
+def norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 6: each expanded map's norm + act + depthwise conv, forward + backward, as two layers (the
+    fused norm kernel, then the conv as `models.depthwise` runs it) against the one kernel of
+    `models/norm_act_depthwise.py` (called directly, whatever its `kernel_wins` picks), interleaved."""
+    from models.norm_act_depthwise import _NormActDepthwise, kernel_wins
+
+    acts = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "Hardswish": nn.Hardswish}
+    rows = []
+    for (n, c, h, w, k, s, act_name), where in norm_act_dw_shapes(names, batch).items():
+        torch.manual_seed(0)
+        bn, act = nn.BatchNorm2d(c), acts[act_name]()
+        conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn_like(conv(x))
+        fused_name = models.norm_act.FUSED_ACTIVATIONS[type(act)]
+
+        def step(two_layers: bool) -> None:
+            if two_layers:
+                z = models.depthwise.depthwise_conv2d(models.norm_act.batch_norm_act(x, bn, act), conv)
+            else:
+                z = _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, fused_name, s)
+            z.backward(grad)
+            x.grad = conv.weight.grad = bn.weight.grad = bn.bias.grad = None
+
+        t = bench({"two": lambda: step(True), "fused": lambda: step(False)}, repeats=rounds, warmup=warmup)
+        rows.append({"table": "norm_act_depthwise", "shape": f"{n}x{c}x{h}x{w}", "kernel": k, "stride": s, "act": act_name,
+                     "models": ", ".join(where), "two_layers_ms": t["two"].median * 1e3, "fused_ms": t["fused"].median * 1e3,
+                     "speedup": paired_ratio(t["two"], t["fused"]), "used": kernel_wins(k, h, w)})
+        if log:
+            log(f"norm+act+depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
+    return rows
+
+
+def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 6, whole steps: each model's training step with the one kernel where `kernel_wins` puts
+    it against the same model with two layers everywhere (default settings), interleaved: what the
+    kernel is worth to a step, free of the twin's other differences."""
+    import models.norm_act_depthwise as nad
+
+    rows = []
+    for name in names:
+        step = TrainStep(models.create_model(name, num_classes=10), DEFAULT, batch)
+        rule = nad.kernel_wins
+
+        def run(fused: bool) -> None:
+            nad.kernel_wins = rule if fused else (lambda k, h, w: False)
+            try:
+                step()
+            finally:
+                nad.kernel_wins = rule
+
+        t = bench({"two": lambda: run(False), "fused": lambda: run(True)}, repeats=rounds, warmup=warmup)
+        rows.append({"table": "norm_act_depthwise_step", "model": name, "two_layers_img_s": batch / t["two"].median,
+                     "fused_img_s": batch / t["fused"].median, "speedup": paired_ratio(t["two"], t["fused"])})
+        if log:
+            log(f"norm+act+depthwise step {name}: {rows[-1]['speedup']:.2f}x")
+    return rows
+
+
+def norm_act_dw_table(rows: list[dict]) -> str:
+    steps = [r for r in rows if r["table"] == "norm_act_depthwise_step"]
+    if steps:
+        return md_table(["model", "two layers everywhere (img/s)", "one kernel where it wins (img/s)", "speed-up"],
+                        [[f"`{r['model']}`", f"{r['two_layers_img_s']:,.0f}", f"{r['fused_img_s']:,.0f}", f"{r['speedup']:.2f}x"]
+                         for r in steps], right=[False, True, True, True])
+    return md_table(["expanded map (N x C x H x W)", "k", "stride", "act", "in", "two layers (ms)", "one kernel (ms)", "speed-up", "used"],
+                    [[r["shape"], r["kernel"], r["stride"], r["act"], r["models"], f"{r['two_layers_ms']:.2f}",
+                      f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x", "one kernel" if r["used"] else "two layers"] for r in rows],
+                    right=[False, True, True, False, False, True, True, True, False])
 
 
 # -- part 4: roofline ---------------------------------------------------------------------------
@@ -578,6 +680,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"each zoo model against its twin, equal default settings, at --all-batch (default: {' '.join(TWINS)})")
     p.add_argument("--depthwise", nargs="*", default=None, metavar="MODEL",
                    help=f"part 5: every depthwise layer of these models, oneDNN against the zoo's kernels (default: {' '.join(DEPTHWISE_MODELS)})")
+    p.add_argument("--norm-act-depthwise", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 6: every expanded norm + act + depthwise conv of these models, two layers against one "
+                        f"kernel (default: {' '.join(NORM_ACT_DW_MODELS)})")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -647,6 +752,18 @@ def main(argv=None) -> int:
               f"{args.all_rounds} interleaved rounds: oneDNN's conv against the zoo's C kernels (models/depthwise.py)\n")
         print(depthwise_table(rows) + "\n")
         csv_rows += rows
+    if args.norm_act_depthwise is not None:
+        rows = norm_act_dw_layers(args.norm_act_depthwise or list(NORM_ACT_DW_MODELS), args.all_batch, args.all_rounds,
+                                  args.warmup, log=log)
+        print(f"## Expanded maps: norm + act + depthwise conv, forward + backward, float32 channels-last, batch "
+              f"{args.all_batch}, median of {args.all_rounds} interleaved rounds: two layers against one kernel "
+              "(models/norm_act_depthwise.py)\n")
+        print(norm_act_dw_table(rows) + "\n")
+        steps = norm_act_dw_steps(args.norm_act_depthwise or list(NORM_ACT_DW_MODELS), args.all_batch, args.all_rounds,
+                                  args.warmup, log=log)
+        print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
+        print(norm_act_dw_table(steps) + "\n")
+        csv_rows += rows + steps
     print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out is not None and csv_rows:
         write_csv(args.out, csv_rows)

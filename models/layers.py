@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .depthwise import depthwise_conv2d
 from .norm_act import batch_norm_act
+from .norm_act_depthwise import norm_act_depthwise
 from .pointwise import PointwiseConv
 
 LayerFactory = Callable[..., nn.Module]
@@ -41,6 +42,11 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
 ]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True when hooks watch `module`'s own calls (a path that skips the call would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -336,8 +342,22 @@ class InvertedResidual(_ExpandResidual):
         self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer, act_layer=None, conv_mode=conv_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
+        if torch.jit.is_scripting():
+            h = self.conv_dw(self.conv_pw(x))
+        else:
+            h = self._expand_depthwise(x)
+        y = self.conv_pwl(self.se(h))
         return x + y if self.has_skip else y
+
+    @torch.jit.unused
+    def _expand_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_dw(conv_pw(x)), with the expand's norm + act inside the depthwise conv's kernel when
+        training on CPU (models/norm_act_depthwise.py): the expanded map is the block's largest."""
+        pw, dw = self.conv_pw, self.conv_dw
+        if type(pw) is not ConvNormAct or type(dw) is not DepthwiseConv or _hooked(pw) or _hooked(dw):
+            return dw(pw(x))  # no expand (the first block), other layers, or someone watches them: call them
+        h = norm_act_depthwise(pw.conv(x), pw.bn, pw.act, dw.conv)
+        return batch_norm_act(h, dw.bn, dw.act)
 
 
 class DenseProjResidual(_ExpandResidual):

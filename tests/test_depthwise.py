@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from models import depthwise, kernels, native
+from models import depthwise, kernels, native, norm_act_depthwise
 from models.layers import DepthwiseConv
 
 MEASURED_RULE = depthwise.kernels_win  # the fixture below replaces it in most tests
@@ -118,6 +118,8 @@ def test_flop_counts_do_not_change_when_training():
 
 def test_the_measured_rule_gives_the_kernels_the_5x5_layers(monkeypatch):
     monkeypatch.setattr(depthwise, "kernels_win", MEASURED_RULE)
+    # every depthwise conv through depthwise_conv2d, none fused with the expand's norm (tests/test_norm_act_depthwise.py)
+    monkeypatch.setattr(norm_act_depthwise, "kernel_wins", lambda k, h, w: False)
     calls = []
     real = depthwise._DepthwiseConv.apply
     monkeypatch.setattr(depthwise._DepthwiseConv, "apply", lambda x, w, s: calls.append(w.shape[-1]) or real(x, w, s))

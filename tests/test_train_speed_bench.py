@@ -136,3 +136,23 @@ def test_depthwise_rows_cover_every_depthwise_layer_and_say_which_kernel_runs():
     assert len(rows) == len(shapes) and all(r["onednn_ms"] > 0 and r["zoo_ms"] > 0 for r in rows)
     assert {r["used"] for r in rows if r["kernel"] == 5} == {True} and {r["used"] for r in rows if r["kernel"] == 3} == {False}
     assert "| 2x96x16x16 | 5 | 2 | mobilenet_v3_small x1 |" in ts.depthwise_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_norm_act_depthwise_rows_cover_every_expanded_map_and_say_which_path_runs():
+    shapes = ts.norm_act_dw_shapes(["mobilenet_v3_small"], batch=2)
+    model = ts.models.create_model("mobilenet_v3_small")
+    expanded = [b for b in model.modules() if isinstance(b, ts.models.layers.InvertedResidual)
+                and isinstance(b.conv_pw, ts.models.layers.ConvNormAct)]
+    counts = [int(w.rsplit("x", 1)[1]) for where in shapes.values() for w in where]
+    assert sum(counts) == len(expanded) == 10  # the first block has no expand
+    rows = ts.norm_act_dw_layers(["mobilenet_v3_small"], batch=2, rounds=1, warmup=0)
+    assert len(rows) == len(shapes) and all(r["two_layers_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    assert {r["used"] for r in rows if r["kernel"] == 3} == {True}  # and 5x5 on 16x16 or more; not on 8x8
+    fives = [(int(r["shape"].split("x")[2]), r["used"]) for r in rows if r["kernel"] == 5]
+    assert {side for side, _ in fives} == {16, 8, 4} and all(used == (side >= 16) for side, used in fives)
+    assert "| 2x72x32x32 | 3 | 2 | ReLU | mobilenet_v3_small x1 |" in ts.norm_act_dw_table(rows)
+    steps = ts.norm_act_dw_steps(["mobilenet_v3_small"], batch=2, rounds=1, warmup=0)
+    assert len(steps) == 1 and steps[0]["speedup"] > 0 and steps[0]["fused_img_s"] > 0
+    assert ts.models.norm_act_depthwise.kernel_wins(3, 32, 32)  # the rule is back in place
+    assert "| `mobilenet_v3_small` |" in ts.norm_act_dw_table(steps)

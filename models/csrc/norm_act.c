@@ -71,6 +71,20 @@ void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *
     free(s1); free(s2);
 }
 
+/* The norm's gradients from the two per-channel totals of its output gradient dy (activation
+ * derivative applied): s1 = sum dy, s2 = sum dy * (x - mean). dbeta = s1, dgamma = s2 * invstd, and
+ * the input gradient dx = (dy - k1) * scale - (x - mean) * k2. Shared with norm_act_depthwise.c. */
+void norm_grad_coefficients(const double *s1, const double *s2, int64_t M, int64_t C, const float *gamma,
+                            const float *invstd, float *dgamma, float *dbeta, float *k1, float *k2, float *scale) {
+    for (int64_t c = 0; c < C; c++) {
+        dbeta[c] = (float)s1[c];
+        dgamma[c] = (float)(s2[c] * invstd[c]);
+        scale[c] = gamma[c] * invstd[c];
+        k1[c] = (float)(s1[c] / M);
+        k2[c] = (float)(scale[c] * invstd[c] * invstd[c] * s2[c] / M);
+    }
+}
+
 /* For each activation: ACT(y), and GRAD(y), its derivative; a NaN goes through ACT as through PyTorch's
  * activations (a diverged run's loss must become NaN to be caught). Forward: z = ACT(y), y = (x - mean) * a + beta
  * (not x * a + (beta - mean * a), which cancels when the mean is large against the spread).
@@ -94,13 +108,7 @@ void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *
                      dz[i] * ({ float y = (x[i] - mean[c]) * a[c] + beta[c]; GRAD; }) * (x[i] - mean[c])) \
         float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));                    \
         float *scale = malloc(C * sizeof(float));                                                  \
-        for (int64_t c = 0; c < C; c++) {                                                          \
-            dbeta[c] = (float)s1[c];                                                               \
-            dgamma[c] = (float)(s2[c] * invstd[c]);                                                \
-            scale[c] = gamma[c] * invstd[c];                                                       \
-            k1[c] = (float)(s1[c] / M);                                                            \
-            k2[c] = (float)(scale[c] * invstd[c] * invstd[c] * s2[c] / M);                         \
-        }                                                                                          \
+        norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);        \
         ROWS(float y = (x[i] - mean[c]) * a[c] + beta[c]; float dy = dz[i] * (GRAD);                \
              dx[i] = (dy - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])                           \
         free(s1); free(s2); free(k1); free(k2); free(scale);                                       \

@@ -1,0 +1,89 @@
+"""The expand's norm + activation inside the depthwise conv that follows it (issue 8).
+
+`norm_act_depthwise(x, bn, act, conv)` returns `conv(act(bn(x)))`. In an inverted residual, x is
+the expanded map, the block's largest: when training a float32 channels-last map on a CPU it runs
+`csrc/norm_act_depthwise.c`, which never writes act(bn(x)) to memory (it is rebuilt in cache, a
+tile at a time, by the forward and again by the backward) -- the C file's header counts the
+passes saved. The batch statistics and running averages come from the fused norm kernel's own
+function, so the norm behaves exactly as `batch_norm_act` makes it behave. Every case the kernel
+does not cover, and maps where it was not measured faster (`kernel_wins`), run the two layers
+as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn as nn
+
+from . import native
+from .depthwise import _covered, depthwise_conv2d
+from .norm_act import _fusable as _norm_fusable
+from .norm_act import batch_norm_act
+
+__all__ = ["norm_act_depthwise"]
+
+_I = ctypes.c_int64
+_ptr = native.ptr
+
+
+class _NormActDepthwise(torch.autograd.Function):
+    """dwconv(act(batch_norm(x))) in training mode; x float32 channels-last, CPU. Updates the running stats."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, weight, bn: nn.BatchNorm2d, act: str, stride: int):
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        p = k // 2
+        oh, ow = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+        threads = ctypes.c_int(torch.get_num_threads())
+        gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
+        mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
+        native.lib().norm_act_stats(
+            _ptr(x), _I(n * h * w), _I(c), _ptr(gamma), ctypes.c_double(bn.eps), ctypes.c_double(bn.momentum),
+            _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd), _ptr(a), threads,
+        )  # fmt: skip
+        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
+        taps = weight.detach().reshape(c, k * k).t().contiguous()  # [k*k][C], as depthwise.c takes them
+        z = torch.empty((n, c, oh, ow), memory_format=torch.channels_last)
+        getattr(native.lib(), f"norm_act_dw_forward_{act}")(
+            _ptr(x), _ptr(mean), _ptr(a), _ptr(beta), _ptr(taps), _ptr(z), _I(n), _I(h), _I(w), _I(c), _I(oh), _I(ow),
+            ctypes.c_int(k), ctypes.c_int(stride), threads,
+        )  # fmt: skip
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, a, taps)
+        ctx.act, ctx.stride, ctx.weight_shape = act, stride, weight.shape
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz):
+        x, gamma, beta, mean, invstd, a, taps = ctx.saved_tensors
+        n, c, h, w = x.shape
+        k = ctx.weight_shape[-1]
+        oh, ow = dz.shape[-2:]
+        dz = dz.contiguous(memory_format=torch.channels_last)
+        dx, dtaps, dgamma, dbeta = torch.empty_like(x), torch.empty(k * k, c), torch.empty(c), torch.empty(c)
+        getattr(native.lib(), f"norm_act_dw_backward_{ctx.act}")(
+            _ptr(x), _ptr(mean), _ptr(a), _ptr(beta), _ptr(invstd), _ptr(gamma), _ptr(taps), _ptr(dz), _ptr(dx),
+            _ptr(dtaps), _ptr(dgamma), _ptr(dbeta), _I(n), _I(h), _I(w), _I(c), _I(oh), _I(ow), ctypes.c_int(k),
+            ctypes.c_int(ctx.stride), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        return dx, dgamma, dbeta, dtaps.t().reshape(ctx.weight_shape), None, None, None
+
+
+def kernel_wins(k: int, h: int, w: int) -> bool:
+    """Where the one kernel beats the two layers (`python -m benchmarks.train_speed
+    --norm-act-depthwise`, docs/train_speed.md: each expanded map alone, and whole training steps
+    under this rule and others): every 3x3 layer, and 5x5 layers on maps of 16x16 and more. On the
+    MobileNetV3s' 8x8 and 4x4 maps the 5x5 layers split both ways (0.83-1.34x), and whole steps with
+    them on one kernel were no faster."""
+    return k == 3 or h * w >= 256
+
+
+def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:
+    """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
+    name = _norm_fusable(x, bn, act)
+    if name is None or not _covered(x, conv) or not kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3]):
+        return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
+    return _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, name, conv.stride[0])
