@@ -85,7 +85,7 @@ def test_eval_config_takes_model_and_data_from_the_checkpoint_unless_the_command
     stored = config_for()
     assert stored["model"]["width"] == 0.25 and stored["data"]["val_size"] == 20  # the run's, not the defaults
     edited = config_for("data.val_size=30", "data.augment.flip=false", "~data.mean")
-    assert edited["data"]["val_size"] == 30 and edited["data"]["augment"] == {"crop_padding": 4, "flip": False}
+    assert edited["data"]["val_size"] == 30 and edited["data"]["augment"] == {"crop_padding": 4, "crop_step": 1, "flip": False}
     assert "mean" not in edited["data"] and edited["data"]["root"] == stored["data"]["root"]
     picked = config_for("data=cifar100", "model=resnet20")
     assert picked["data"]["name"] == "cifar100" and picked["data"]["val_size"] == 5000 and picked["model"]["width"] == 1.0
