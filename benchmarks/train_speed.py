@@ -587,6 +587,8 @@ def norm_act_dw_table(rows: list[dict]) -> str:
         return md_table(["model", "two layers everywhere (img/s)", "one kernel where it wins (img/s)", "speed-up"],
                         [[f"`{r['model']}`", f"{r['two_layers_img_s']:,.0f}", f"{r['fused_img_s']:,.0f}", f"{r['speedup']:.2f}x"]
                          for r in steps], right=[False, True, True, True])
+    if not rows:
+        return "(no inverted residuals in these models: their steps are below)"
     return md_table(["expanded map (N x C x H x W)", "k", "stride", "act", "in", "two layers (ms)", "one kernel (ms)", "speed-up", "used"],
                     [[r["shape"], r["kernel"], r["stride"], r["act"], r["models"], f"{r['two_layers_ms']:.2f}",
                       f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x", "one kernel" if r["used"] else "two layers"] for r in rows],

@@ -268,6 +268,34 @@ class DepthwiseSeparableConv(nn.Module):
         return self.conv_pw(self.se(self.conv_dw(x)))
 
 
+def separable_chain(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """`x` through `layers` in order, as nn.Sequential runs them; where one ends in a `ConvNormAct`
+    (itself, or a `DepthwiseSeparableConv`'s pointwise) and the next is a `DepthwiseSeparableConv`,
+    the first's norm + act run inside the second's depthwise conv kernel when training on CPU
+    (models/norm_act_depthwise.py), as in an inverted residual: MobileNetV1's stem and blocks."""
+    pre, pending = None, None  # `pending`'s conv has run (giving `pre`); its norm + act wait for the next layer
+    for i, layer in enumerate(layers):
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if pending is not None:  # `layer` is a DepthwiseSeparableConv: checked before deferring
+            dw = layer.conv_dw
+            h = batch_norm_act(norm_act_depthwise(pre, pending.bn, pending.act, dw.conv), dw.bn, dw.act)
+            last, h = layer.conv_pw, layer.se(h)
+        elif type(layer) is DepthwiseSeparableConv and not _hooked(layer):
+            last, h = layer.conv_pw, layer.se(layer.conv_dw(x))
+        elif type(layer) is ConvNormAct:
+            last, h = layer, x
+        else:
+            x, pending = layer(x), None
+            continue
+        defer = (type(following) is DepthwiseSeparableConv and type(following.conv_dw) is DepthwiseConv
+                 and type(last) is ConvNormAct and not (_hooked(following) or _hooked(following.conv_dw) or _hooked(last)))
+        if defer:
+            pre, pending = last.conv(h), last
+        else:
+            x, pending = last(h), None
+    return x
+
+
 class DenseConv(nn.Module):
     """Dense k x k conv, norm, act, then optional SE: a depthwise-separable pair merged into the
     standard convolution it factorises (MobileNets, Howard et al. 2017, Table 4: "Conv MobileNet").

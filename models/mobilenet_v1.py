@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import ConvMode, ConvNormAct, make_divisible
+from .layers import ConvMode, ConvNormAct, make_divisible, separable_chain
 from .registry import register_model
 
 __all__ = ["MobileNetV1"]
@@ -84,7 +84,14 @@ class MobileNetV1(ClassifierMixin, nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
+        if torch.jit.is_scripting():
+            return self.blocks(self.stem(x))
+        return self._eager_features(x)
+
+    @torch.jit.unused
+    def _eager_features(self, x: torch.Tensor) -> torch.Tensor:
+        # the same layers; each pointwise's norm + act inside the next depthwise conv's kernel when training on CPU
+        return separable_chain([self.stem, *self.blocks], x)
 
 
 @register_model(references={"timm": "mobilenetv1_100"})

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import models
 from models import kernels, norm_act, norm_act_depthwise
-from models.layers import InvertedResidual
+from models.layers import InvertedResidual, separable_chain
 
 pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)")
 
@@ -123,3 +123,27 @@ def test_whole_model_training_step_covers_the_kernel(monkeypatch):
         model = models.create_model(name, num_classes=10, width=0.35).to(memory_format=torch.channels_last)
         model(torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     assert len(calls) >= 4
+
+
+def test_mobilenet_v1_runs_each_pointwise_norm_inside_the_next_depthwise_conv(monkeypatch):
+    calls = _calls(monkeypatch)
+    model = models.create_model("mobilenet_v1", num_classes=10, width=0.5).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert len(calls) == len(model.blocks) == 13  # the stem's into block 0, block i's into block i + 1
+    calls.clear()
+    seen = []
+    model.blocks[4].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    model.blocks[7].conv_pw.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    model(x).sum().backward()
+    assert len(seen) == 2 and len(calls) == 13 - 3  # into and out of block 4, out of block 7's pointwise: two layers
+
+
+def test_separable_chain_computes_what_the_layers_compute():
+    torch.manual_seed(0)
+    model = models.create_model("mobilenet_v1", num_classes=10, width=0.5).double()
+    layers = [model.stem, *model.blocks]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for training in (True, False):  # float64: the layers themselves (the kernels take float32 only)
+        model.train(training)
+        assert torch.equal(separable_chain(layers, x), torch.nn.Sequential(*layers)(x))
