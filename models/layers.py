@@ -272,7 +272,9 @@ def separable_chain(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """`x` through `layers` in order, as nn.Sequential runs them; where one ends in a `ConvNormAct`
     (itself, or a `DepthwiseSeparableConv`'s pointwise) and the next is a `DepthwiseSeparableConv`,
     the first's norm + act run inside the second's depthwise conv kernel when training on CPU
-    (models/norm_act_depthwise.py), as in an inverted residual: MobileNetV1's stem and blocks."""
+    (models/norm_act_depthwise.py), as in an inverted residual: MobileNetV1's stem and blocks, the
+    units of an Xception block. Identity layers (Xception's ReLU slots) pass through."""
+    layers = [m for m in layers if type(m) is not nn.Identity or _hooked(m)]
     pre, pending = None, None  # `pending`'s conv has run (giving `pre`); its norm + act wait for the next layer
     for i, layer in enumerate(layers):
         following = layers[i + 1] if i + 1 < len(layers) else None

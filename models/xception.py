@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import init_weights, ConvMode, ConvNormAct, make_divisible
+from .layers import init_weights, ConvMode, ConvNormAct, make_divisible, separable_chain
 from .registry import register_model
 
 __all__ = ["Xception", "XceptionBlock"]
@@ -94,7 +94,14 @@ class XceptionBlock(nn.Module):
         self.pool = nn.MaxPool2d(3, stride, 1) if stride > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.convs(x)) + self.shortcut(x)
+        if torch.jit.is_scripting():
+            return self.pool(self.convs(x)) + self.shortcut(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the same units; each unit's norm + ReLU inside the next unit's depthwise kernel when training on CPU
+        return self.pool(separable_chain(list(self.convs), x)) + self.shortcut(x)
 
 
 class Xception(ClassifierMixin, nn.Module):

@@ -137,7 +137,7 @@ def test_uncovered_cases_run_the_plain_layers(case):
     assert torch.equal(y, act(twin(x)))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v1"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v1", "xception_small"])
 def test_a_model_trains_as_accurately_fused(name):
     """One training step of a small mobilenet_v2 (ReLU6; Identity after the projections) or
     mobilenet_v3_small (Hardswish, SE), measured against the same step in float64: loss, running

@@ -147,3 +147,16 @@ def test_separable_chain_computes_what_the_layers_compute():
     for training in (True, False):  # float64: the layers themselves (the kernels take float32 only)
         model.train(training)
         assert torch.equal(separable_chain(layers, x), torch.nn.Sequential(*layers)(x))
+
+
+def test_xception_units_run_each_norm_and_relu_inside_the_next_units_depthwise_conv(monkeypatch):
+    calls = _calls(monkeypatch)
+    model = models.create_model("xception_small", num_classes=10, width=0.5).to(memory_format=torch.channels_last)
+    model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
+    blocks = [b for b in model.modules() if type(b).__name__ == "XceptionBlock"]
+    units = [sum(1 for u in b.convs if isinstance(u, models.layers.DepthwiseSeparableConv)) for b in blocks]
+    assert len(calls) == sum(n - 1 for n in units) > 0  # within a block: the shortcut needs the block's input as is
+    for block in blocks[:3]:  # float64: the layers themselves, in the chain's order and in Sequential's
+        block.double()
+        h = torch.randn(2, block.convs[1].conv_dw.conv.in_channels, 8, 8, dtype=torch.float64)
+        assert torch.equal(separable_chain(list(block.convs), h), block.convs(h))
