@@ -47,6 +47,12 @@ Part 6 (`--norm-act-depthwise [MODEL ...]`): every distinct expanded map of the 
 `--all-batch`, as two layers (`models/norm_act.py`'s kernel, then the conv) against one kernel
 (`models/norm_act_depthwise.py`), in the same rounds: the measurement behind its `kernel_wins`.
 
+Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
+(1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
+torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
+kernels work under: both run the same convolutions, so no kernel for the rest can take the zoo past
+twin step / zoo convolution time.
+
 Timing (as the other benchmarks, `benchmarks/common.py`): `--warmup` untimed steps per row, then
 `--rounds` rounds; each round runs every row for `--steps` steps (one sample), in an order that
 rotates every round. img/s = batch x steps / seconds of a sample; the table shows the median over
@@ -595,6 +601,111 @@ def norm_act_dw_table(rows: list[dict]) -> str:
                     right=[False, True, True, False, False, True, True, True, False])
 
 
+# -- part 7: where a step's time goes -------------------------------------------------------------
+
+# Operator groups of a step, in the order the table prints them. Convolutions are told apart by
+# their weight: (C_out, C_in / groups, kh, kw).
+STEP_GROUPS = ["conv 1x1", "conv depthwise", "conv kxk", "linear", "zoo kernels (norm + act, depthwise)",
+               "batch norm", "activation", "pooling", "optimizer", "other"]
+_ZOO_KERNELS = ("_BatchNormAct", "_NormActDepthwise", "_DepthwiseConv")  # their autograd functions
+_CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d", "aten::_slow_conv2d_forward",
+             "aten::_slow_conv2d_backward", "aten::_conv_depthwise2d")
+
+
+def _conv_group(name: str, shapes: list) -> str:
+    weight = shapes[2] if name.endswith("_backward") else shapes[1]  # a backward's inputs: (grad_out, x, weight, ...)
+    if len(weight) != 4:
+        return "conv kxk"
+    if weight[2:] == [1, 1]:
+        return "conv 1x1"
+    return "conv depthwise" if weight[1] == 1 else "conv kxk"
+
+
+def step_group(name: str, shapes: list) -> str:
+    """The group (a STEP_GROUPS entry) of one profiler event, by its operator name and input shapes."""
+    if name.startswith(_ZOO_KERNELS):
+        return "zoo kernels (norm + act, depthwise)"
+    if name in _CONV_OPS:
+        return _conv_group(name, shapes)
+    if name in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm"):
+        return "linear"
+    if "batch_norm" in name:
+        return "batch norm"
+    if any(a in name for a in ("relu", "hardtanh", "clamp", "threshold", "hardswish", "hardsigmoid", "sigmoid", "silu")):
+        return "activation"
+    if "pool" in name or name in ("aten::mean", "aten::adaptive_avg_pool2d"):
+        return "pooling"
+    if "_foreach" in name or name.startswith("Optimizer."):
+        return "optimizer"
+    return "other"
+
+
+def step_breakdown(step: "TrainStep", steps: int = 3, warmup: int = 2) -> dict[str, float]:
+    """Milliseconds per training step in each STEP_GROUPS group: torch.profiler's self CPU time of
+    every operator over `steps` steps (after `warmup`), summed by group. The profiler adds a little to
+    every call, so many small operators look heavier than they are; the groups' sum is the step under
+    the profiler, a few percent above its unprofiled time."""
+    for _ in range(warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    ms = dict.fromkeys(STEP_GROUPS, 0.0)
+    for event in prof.events():
+        ms[_owning_group(event)] += event.self_cpu_time_total / 1e3 / steps
+    return ms
+
+
+def _owning_group(event) -> str:
+    """An event inside the optimizer's step (SGD's per-parameter adds on CPU) is the optimizer's;
+    anything else goes by its own name and shapes."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer."):
+            return "optimizer"
+        parent = parent.cpu_parent
+    return step_group(event.name, event.input_shapes)
+
+
+def profile_steps(names: list[str], batch: int, steps: int = 3, warmup: int = 2) -> list[dict]:
+    """Part 7: each zoo model's step and its twin's (TWINS), by operator group. The zoo's kernels
+    change only what is not a convolution, and both run the same convolutions, so the zoo's step
+    without them bounds what any such kernel could give: twin step / zoo's convolution time."""
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        zoo = models.create_model(name, num_classes=10, stem="cifar")
+        torch.manual_seed(0)
+        label, build = TWINS[name]
+        twin = build()
+        ms = {"zoo": step_breakdown(TrainStep(zoo, DEFAULT, batch), steps, warmup),
+              "twin": step_breakdown(TrainStep(twin, DEFAULT, batch), steps, warmup)}
+        total = {k: sum(v.values()) for k, v in ms.items()}
+        conv = {k: sum(v[g] for g in STEP_GROUPS if g.startswith("conv")) for k, v in ms.items()}
+        for group in STEP_GROUPS:
+            rows.append({"table": "step_profile", "model": name, "twin": label, "batch": batch, "group": group,
+                         "zoo_ms": ms["zoo"][group], "twin_ms": ms["twin"][group]})
+        rows.append({"table": "step_profile", "model": name, "twin": label, "batch": batch, "group": "step",
+                     "zoo_ms": total["zoo"], "twin_ms": total["twin"], "zoo_conv_ms": conv["zoo"], "twin_conv_ms": conv["twin"],
+                     "bound_vs_twin": total["twin"] / conv["zoo"]})
+    return rows
+
+
+def profile_table(rows: list[dict]) -> str:
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        step = mine[-1]
+        out.append(f"`{name}` against {step['twin']}, ms per step:\n")
+        out.append(md_table(["group", "zoo", "twin", "zoo share"],
+                            [[r["group"], f"{r['zoo_ms']:.1f}", f"{r['twin_ms']:.1f}", f"{100 * r['zoo_ms'] / step['zoo_ms']:.0f}%"]
+                             for r in mine], right=[False, True, True, True]))
+        out.append(f"\nConvolutions: zoo {step['zoo_conv_ms']:.0f} ms, twin {step['twin_conv_ms']:.0f} ms. Profiled ratio "
+                   f"{step['twin_ms'] / step['zoo_ms']:.2f}x; if everything else in the zoo's step took no time at all: "
+                   f"{step['bound_vs_twin']:.2f}x.\n")
+    return "\n".join(out)
+
+
 # -- part 4: roofline ---------------------------------------------------------------------------
 
 
@@ -685,6 +796,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-act-depthwise", nargs="*", default=None, metavar="MODEL",
                    help=f"part 6: every expanded norm + act + depthwise conv of these models, two layers against one "
                         f"kernel (default: {' '.join(NORM_ACT_DW_MODELS)})")
+    p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
+                        f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
     p.add_argument("--skip-head-to-head", action="store_true", help="run part 2 only")
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -766,6 +880,12 @@ def main(argv=None) -> int:
         print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
         print(norm_act_dw_table(steps) + "\n")
         csv_rows += rows + steps
+    if args.profile is not None:
+        rows = profile_steps(args.profile or list(DEPTHWISE_MODELS), args.all_batch, steps=args.all_rounds, warmup=args.warmup)
+        print(f"## Where a training step goes, zoo against twin ({DEFAULT.describe()}), batch {args.all_batch}: "
+              f"torch.profiler self CPU time by operator group, mean of {args.all_rounds} steps\n")
+        print(profile_table(rows) + "\n")
+        csv_rows += rows
     print(f"Wall time {time.perf_counter() - t0:.0f} s; load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.out is not None and csv_rows:
         write_csv(args.out, csv_rows)

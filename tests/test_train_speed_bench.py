@@ -156,3 +156,36 @@ def test_norm_act_depthwise_rows_cover_every_expanded_map_and_say_which_path_run
     assert len(steps) == 1 and steps[0]["speedup"] > 0 and steps[0]["fused_img_s"] > 0
     assert ts.models.norm_act_depthwise.kernel_wins(3, 32, 32)  # the rule is back in place
     assert "| `mobilenet_v3_small` |" in ts.norm_act_dw_table(steps)
+
+
+def test_step_groups_tell_convolutions_apart_by_their_weight():
+    conv = "aten::mkldnn_convolution"
+    assert ts.step_group(conv, [[2, 8, 4, 4], [16, 8, 1, 1]]) == "conv 1x1"
+    assert ts.step_group(conv, [[2, 8, 4, 4], [8, 1, 3, 3]]) == "conv depthwise"
+    assert ts.step_group(conv, [[2, 8, 4, 4], [16, 8, 3, 3]]) == "conv kxk"
+    # a backward's weight is its third input (grad_out, x, weight)
+    assert ts.step_group("aten::convolution_backward", [[2, 16, 4, 4], [2, 8, 4, 4], [16, 8, 1, 1]]) == "conv 1x1"
+    assert ts.step_group("aten::_slow_conv2d_backward", [[2, 8, 4, 4], [2, 8, 4, 4], [8, 1, 5, 5]]) == "conv depthwise"
+    assert ts.step_group("_NormActDepthwiseBackward", []) == "zoo kernels (norm + act, depthwise)"
+    assert ts.step_group("aten::native_batch_norm_backward", []) == "batch norm"
+    assert ts.step_group("aten::hardtanh_backward", []) == "activation"
+    assert ts.step_group("aten::max_pool2d_with_indices", []) == "pooling"
+    assert ts.step_group("aten::add", []) == "other"
+
+
+def test_step_profile_splits_zoo_and_twin_steps_into_groups():
+    rows = ts.profile_steps(["mobilenet_v1"], batch=2, steps=1, warmup=1)
+    groups = [r for r in rows if r["group"] != "step"]
+    (step,) = [r for r in rows if r["group"] == "step"]
+    assert [r["group"] for r in groups] == ts.STEP_GROUPS
+    # every event lands in one group: the groups add up to the step, for both networks
+    assert math.isclose(sum(r["zoo_ms"] for r in groups), step["zoo_ms"])
+    assert math.isclose(sum(r["twin_ms"] for r in groups), step["twin_ms"])
+    by_group = {r["group"]: r for r in groups}
+    assert by_group["conv 1x1"]["zoo_ms"] > 0 and by_group["conv 1x1"]["twin_ms"] > 0
+    assert by_group["optimizer"]["zoo_ms"] > 0  # SGD's per-parameter ops, found under its step
+    assert by_group["batch norm"]["twin_ms"] > 0  # the plain twin runs PyTorch's norm
+    if ts.models.native.lib():  # the zoo runs its own kernels instead
+        assert by_group["zoo kernels (norm + act, depthwise)"]["zoo_ms"] > 0 and by_group["batch norm"]["zoo_ms"] == 0
+    assert step["bound_vs_twin"] == step["twin_ms"] / step["zoo_conv_ms"] > 1
+    assert "`mobilenet_v1` against zoo, plain kernels" in ts.profile_table(rows)
