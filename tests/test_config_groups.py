@@ -113,7 +113,7 @@ def test_callbacks_are_instantiated_by_name_and_can_be_switched_off(tmp_path):
         return make_callbacks(to_plain(compose_config("train", [*overrides, f"run_dir={tmp_path}"])))
 
     named = callbacks()
-    assert list(named) == ["throughput", "ema", "best_checkpoint", "last_checkpoint"]
+    assert list(named) == ["throughput", "report", "ema", "best_checkpoint", "last_checkpoint"]
     assert isinstance(named["throughput"], ThroughputMeter) and named["ema"].decay == 0.999
     best, last = named["best_checkpoint"], named["last_checkpoint"]
     assert isinstance(best, ModelCheckpoint) and best.monitor == "val/acc" and best.mode == "max"

@@ -469,3 +469,21 @@ def test_every_user_error_exits_with_its_message(error, capsys):
     with pytest.raises(SystemExit) as done, exit_on_user_error():
         raise error("the problem, and the fix")
     assert done.value.code == EXIT_USER_ERROR and "error: the problem, and the fix" in capsys.readouterr().err
+
+
+def test_each_epoch_logs_one_line_saying_where_the_run_stands(compose_train, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="train"):
+        train(compose_train("trainer.max_epochs=3"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for line in lines:
+        assert "train loss " in line and "val acc " in line and "%" in line and " s" in line
+    assert "2 to go, ~" in lines[0] and "1 to go" in lines[1] and "to go" not in lines[2]
+    # the numbers are the epoch's logged metrics
+    last_val = [float(r["val/acc"]) for r in metrics_rows(tmp_path / "run") if r.get("val/acc")][-1]
+    assert f"val acc (EMA) {100 * last_val:.2f}%" in lines[2]  # validation sees the weight EMA
+    # a resumed run reports the epochs it trains, numbered on from where it stopped
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train"):
+        train(compose_train("trainer.max_epochs=4", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "train"] == ["epoch 4/4"]
