@@ -47,6 +47,10 @@ Part 6 (`--norm-act-depthwise [MODEL ...]`): every distinct expanded map of the 
 `--all-batch`, as two layers (`models/norm_act.py`'s kernel, then the conv) against one kernel
 (`models/norm_act_depthwise.py`), in the same rounds: the measurement behind its `kernel_wins`.
 
+Part 8 (`--residual-end [MODEL ...]`): whole ResNet training steps with each block's last norm, the
+residual sum and the ReLU in one kernel (`models.norm_act.batch_norm_add_act`) against the norm's
+kernel followed by PyTorch's sum and ReLU, interleaved.
+
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
 torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
@@ -64,6 +68,7 @@ docs/training.md, "Threads").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
@@ -514,6 +519,7 @@ def depthwise_table(rows: list[dict]) -> str:
 # -- part 6: the expand's norm + act fused into the depthwise conv --------------------------------
 
 NORM_ACT_DW_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+RESIDUAL_MODELS = ("resnet20", "resnet56", "resnet38_bottleneck")  # part 8 (se_resnet20's SE sits before its sum)
 
 
 def norm_act_dw_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
@@ -561,36 +567,70 @@ def norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: int = 
     return rows
 
 
-def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
-    """Part 6, whole steps: each model's training step with the one kernel where `kernel_wins` puts
-    it against the same model with two layers everywhere (default settings), interleaved: what the
-    kernel is worth to a step, free of the twin's other differences."""
-    import models.norm_act_depthwise as nad
-
+def switched_steps(names: list[str], batch: int, rounds: int, switch: Callable[[bool], contextlib.AbstractContextManager],
+                   table: str, warmup: int = 1, log=None) -> list[dict]:
+    """Each model's whole training step (default settings) with one kernel choice off and on, in the
+    same interleaved rounds: `switch(on)` is a context in which the step runs. What that one kernel is
+    worth to a step, free of a twin's other differences."""
     rows = []
     for name in names:
+        torch.manual_seed(0)
         step = TrainStep(models.create_model(name, num_classes=10), DEFAULT, batch)
-        rule = nad.kernel_wins
 
-        def run(fused: bool) -> None:
-            nad.kernel_wins = rule if fused else (lambda k, h, w: False)
-            try:
+        def run(on: bool) -> None:
+            with switch(on):
                 step()
-            finally:
-                nad.kernel_wins = rule
 
-        t = bench({"two": lambda: run(False), "fused": lambda: run(True)}, repeats=rounds, warmup=warmup)
-        rows.append({"table": "norm_act_depthwise_step", "model": name, "two_layers_img_s": batch / t["two"].median,
-                     "fused_img_s": batch / t["fused"].median, "speedup": paired_ratio(t["two"], t["fused"])})
+        t = bench({"off": lambda: run(False), "on": lambda: run(True)}, repeats=rounds, warmup=warmup)
+        rows.append({"table": table, "model": name, "two_layers_img_s": batch / t["off"].median,
+                     "fused_img_s": batch / t["on"].median, "speedup": paired_ratio(t["off"], t["on"])})
         if log:
-            log(f"norm+act+depthwise step {name}: {rows[-1]['speedup']:.2f}x")
+            log(f"{table} {name}: {rows[-1]['speedup']:.2f}x")
     return rows
 
 
+@contextlib.contextmanager
+def _depthwise_rule(on: bool):
+    import models.norm_act_depthwise as nad
+
+    rule = nad.kernel_wins
+    nad.kernel_wins = rule if on else (lambda k, h, w: False)
+    try:
+        yield
+    finally:
+        nad.kernel_wins = rule
+
+
+def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 6, whole steps: the one kernel where `kernel_wins` puts it against two layers everywhere."""
+    return switched_steps(names, batch, rounds, _depthwise_rule, "norm_act_depthwise_step", warmup, log)
+
+
+@contextlib.contextmanager
+def _residual_end(on: bool):
+    import models.layers as layers
+    from models.norm_act import batch_norm_act, batch_norm_add_act
+
+    # off: the block's last norm in its own kernel (act Identity), then PyTorch's sum and ReLU
+    layers.batch_norm_add_act = batch_norm_add_act if on else (lambda x, bn, r, act: act(batch_norm_act(x, bn, nn.Identity()) + r))
+    try:
+        yield
+    finally:
+        layers.batch_norm_add_act = batch_norm_add_act
+
+
+def residual_end_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 8: ResNet steps with each block's last norm, sum and ReLU in one kernel
+    (`models.norm_act.batch_norm_add_act`) against the norm's kernel followed by PyTorch's sum and ReLU."""
+    return switched_steps(names, batch, rounds, _residual_end, "residual_end_step", warmup, log)
+
+
 def norm_act_dw_table(rows: list[dict]) -> str:
-    steps = [r for r in rows if r["table"] == "norm_act_depthwise_step"]
+    steps = [r for r in rows if r["table"] in ("norm_act_depthwise_step", "residual_end_step")]
     if steps:
-        return md_table(["model", "two layers everywhere (img/s)", "one kernel where it wins (img/s)", "speed-up"],
+        off, on = (("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)") if steps[0]["table"] == "residual_end_step"
+                   else ("two layers everywhere (img/s)", "one kernel where it wins (img/s)"))
+        return md_table(["model", off, on, "speed-up"],
                         [[f"`{r['model']}`", f"{r['two_layers_img_s']:,.0f}", f"{r['fused_img_s']:,.0f}", f"{r['speedup']:.2f}x"]
                          for r in steps], right=[False, True, True, True])
     if not rows:
@@ -796,6 +836,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-act-depthwise", nargs="*", default=None, metavar="MODEL",
                    help=f"part 6: every expanded norm + act + depthwise conv of these models, two layers against one "
                         f"kernel (default: {' '.join(NORM_ACT_DW_MODELS)})")
+    p.add_argument("--residual-end", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 8: whole ResNet steps, each block's norm + sum + ReLU in one kernel against the norm's kernel "
+                        f"then the sum and ReLU (default: {' '.join(RESIDUAL_MODELS)})")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -880,6 +923,13 @@ def main(argv=None) -> int:
         print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
         print(norm_act_dw_table(steps) + "\n")
         csv_rows += rows + steps
+    if args.residual_end is not None:
+        rows = residual_end_steps(args.residual_end or list(RESIDUAL_MODELS), args.all_batch, args.all_rounds, args.warmup, log=log)
+        print(f"## ResNet blocks' end: norm, sum and ReLU in one kernel (models/norm_act.py) against the norm's kernel "
+              f"then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()}), batch {args.all_batch}, "
+              f"median of {args.all_rounds} interleaved rounds\n")
+        print(norm_act_dw_table(rows) + "\n")
+        csv_rows += rows
     if args.profile is not None:
         rows = profile_steps(args.profile or list(DEPTHWISE_MODELS), args.all_batch, steps=args.all_rounds, warmup=args.warmup)
         print(f"## Where a training step goes, zoo against twin ({DEFAULT.describe()}), batch {args.all_batch}: "

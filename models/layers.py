@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .depthwise import depthwise_conv2d
-from .norm_act import batch_norm_act
+from .norm_act import batch_norm_act, batch_norm_add_act
 from .norm_act_depthwise import norm_act_depthwise
 from .pointwise import PointwiseConv
 
@@ -437,6 +437,17 @@ def _shortcut(in_chs, out_chs, stride, kind, norm_layer, conv_mode) -> nn.Module
     raise ValueError(f"unknown shortcut {kind!r}; valid: 'projection', 'pad'")
 
 
+@torch.jit.unused
+def residual_end(block: nn.Module, last: nn.Module, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A ResNet block's end, `block.act(block.se(last(h)) + block.shortcut(x))`. Without SE, `last`'s
+    norm, the sum and the activation are one kernel when training on CPU (models/norm_act.py,
+    `batch_norm_add_act`); a hooked layer is called as itself."""
+    if (type(last) is ConvNormAct and type(last.act) is nn.Identity and type(block.se) is nn.Identity
+            and not (_hooked(last) or _hooked(last.act) or _hooked(block.se))):
+        return batch_norm_add_act(last.conv(h), last.bn, block.shortcut(x), block.act)
+    return block.act(block.se(last(h)) + block.shortcut(x))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convs and a shortcut (He et al. 2016)."""
 
@@ -461,7 +472,9 @@ class BasicBlock(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.se(self.conv2(self.conv1(x))) + self.shortcut(x))
+        if torch.jit.is_scripting():
+            return self.act(self.se(self.conv2(self.conv1(x))) + self.shortcut(x))
+        return residual_end(self, self.conv2, self.conv1(x), x)
 
 
 class Bottleneck(nn.Module):
@@ -493,5 +506,6 @@ class Bottleneck(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.se(self.conv_pwl(self.conv_kxk(self.conv_pw(x))))
-        return self.act(y + self.shortcut(x))
+        if torch.jit.is_scripting():
+            return self.act(self.se(self.conv_pwl(self.conv_kxk(self.conv_pw(x)))) + self.shortcut(x))
+        return residual_end(self, self.conv_pwl, self.conv_kxk(self.conv_pw(x)), x)

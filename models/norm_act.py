@@ -8,6 +8,10 @@ make six passes and keep two maps; the C file's header counts them). Everything 
 mode, NCHW, bf16, other norms and activations, hooks on the layers, graph capture, no C compiler
 -- takes the two plain layers, so results never depend on which path ran beyond float rounding.
 
+`batch_norm_add_act(x, bn, residual, act)` returns `act(bn(x) + residual)`, a residual block's end
+(ResNet basic and bottleneck blocks without SE): with a ReLU, the sum and the activation run inside
+the norm's kernel, under the same conditions.
+
 The kernel compiles on first use with the zoo's other C kernels (`models/native.py`); where that
 fails, a warning says why and the plain layers run. `models.kernels.plain()`
 and ``POINTWISE_ZOO_PLAIN_KERNELS=1`` turn it off with the rest of the measured kernels.
@@ -22,7 +26,7 @@ import torch.nn as nn
 
 from . import kernels, native
 
-__all__ = ["batch_norm_act", "available", "FUSED_ACTIVATIONS"]
+__all__ = ["batch_norm_act", "batch_norm_add_act", "available", "FUSED_ACTIVATIONS"]
 
 # The activation classes the kernel computes, by the suffix of their C functions.
 FUSED_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
@@ -34,26 +38,33 @@ def available() -> bool:
     return kernels.enabled() and native.lib() is not None
 
 
+def _batch_stats(x, weight, bias, bn: nn.BatchNorm2d):
+    """The batch's per-channel mean, 1/std and scale a = gamma/std (y = (x - mean) * a + beta), with
+    bn's running averages and batch count updated as nn.BatchNorm2d does in training."""
+    c = x.shape[1]
+    gamma, beta = weight.detach().contiguous(), bias.detach().contiguous()
+    mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
+    native.lib().norm_act_stats(
+        _ptr(x), ctypes.c_int64(x.numel() // c), ctypes.c_int64(c), _ptr(gamma), ctypes.c_double(bn.eps),
+        ctypes.c_double(bn.momentum), _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd),
+        _ptr(a), ctypes.c_int(torch.get_num_threads()),
+    )  # fmt: skip
+    bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
+    return gamma, beta, mean, invstd, a
+
+
 class _BatchNormAct(torch.autograd.Function):
     """act(batch_norm(x)) in training mode; x float32 channels-last, CPU. Updates the running stats."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn: nn.BatchNorm2d, act: str):
         n, c, h, w = x.shape
-        rows = n * h * w
-        threads = torch.get_num_threads()
-        gamma, beta = weight.detach().contiguous(), bias.detach().contiguous()
-        mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
-        native.lib().norm_act_stats(
-            _ptr(x), ctypes.c_int64(rows), ctypes.c_int64(c), _ptr(gamma), ctypes.c_double(bn.eps),
-            ctypes.c_double(bn.momentum), _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd),
-            _ptr(a), ctypes.c_int(threads),
-        )  # fmt: skip
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
+        gamma, beta, mean, invstd, a = _batch_stats(x, weight, bias, bn)
         z = torch.empty_like(x)  # channels-last, as x
         getattr(native.lib(), f"norm_act_forward_{act}")(
-            _ptr(x), _ptr(z), ctypes.c_int64(rows), ctypes.c_int64(c), _ptr(mean), _ptr(a), _ptr(beta), ctypes.c_int(threads)
-        )
+            _ptr(x), _ptr(z), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(mean), _ptr(a), _ptr(beta),
+            ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
         ctx.save_for_backward(x, gamma, beta, mean, invstd, a)
         ctx.act = act
         return z
@@ -96,3 +107,44 @@ def batch_norm_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> torch.Tens
     if name is None:
         return act(bn(x))
     return _BatchNormAct.apply(x, bn.weight, bn.bias, bn, name)
+
+
+class _BatchNormAddReLU(torch.autograd.Function):
+    """relu(batch_norm(x) + residual) in training mode; x and residual float32 channels-last, CPU.
+    Keeps x and the output (which the next layer keeps anyway), not the sum."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, bn: nn.BatchNorm2d):
+        n, c, h, w = x.shape
+        gamma, beta, mean, invstd, a = _batch_stats(x, weight, bias, bn)
+        z = torch.empty_like(x)
+        native.lib().norm_add_relu_forward(
+            _ptr(x), _ptr(residual), _ptr(z), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(mean), _ptr(a),
+            _ptr(beta), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        ctx.save_for_backward(x, z, gamma, mean, invstd)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz):
+        x, z, gamma, mean, invstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        dz = dz.contiguous(memory_format=torch.channels_last)
+        dx, dr, dgamma, dbeta = torch.empty_like(x), torch.empty_like(x), torch.empty(c), torch.empty(c)
+        native.lib().norm_add_relu_backward(
+            _ptr(dz), _ptr(z), _ptr(x), _ptr(dx), _ptr(dr), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(gamma),
+            _ptr(mean), _ptr(invstd), _ptr(dgamma), _ptr(dbeta), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        return dx, dr, dgamma, dbeta, None
+
+
+def batch_norm_add_act(x: torch.Tensor, bn: nn.Module, residual: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """`act(bn(x) + residual)`: a residual block's last norm, its sum and its activation. One kernel
+    when `act(bn(x))` could run fused with a ReLU and the residual is a float32 channels-last map of
+    x's shape (the C file's `norm_add_relu_*`: the sum and the ReLU cost no pass of their own); else
+    the plain layers."""
+    if (_fusable(x, bn, act) != "relu" or type(residual) is not torch.Tensor or residual.shape != x.shape
+            or residual.dtype != torch.float32 or not residual.is_contiguous(memory_format=torch.channels_last)):
+        return act(bn(x) + residual)
+    return _BatchNormAddReLU.apply(x, residual, bn.weight, bn.bias, bn)

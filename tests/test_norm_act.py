@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import models
 from models import kernels, native, norm_act
-from models.layers import ConvNormAct
+from models.layers import Bottleneck, ConvNormAct
 
 pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)")
 
@@ -137,7 +137,94 @@ def test_uncovered_cases_run_the_plain_layers(case):
     assert torch.equal(y, act(twin(x)))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v1", "xception_small"])
+def _run_add(bn, x, residual, grad, fused: bool):
+    x, residual = x.clone().requires_grad_(), residual.clone().requires_grad_()
+    with kernels.plain() if not fused else torch.enable_grad():
+        y = norm_act.batch_norm_add_act(x, bn, residual, nn.ReLU())
+    y.backward(grad)
+    return y, x.grad, residual.grad
+
+
+@pytest.mark.parametrize("shape", [(8, 48, 9, 7), (3, 5, 4, 4), (2, 130, 1, 1), (64, 16, 8, 8)])
+def test_the_residual_sum_and_relu_inside_the_norm_are_as_accurate(shape):
+    """relu(bn(x) + r): output, the gradients of x, r, weight and bias, and the buffers, against
+    float64, within twice the plain float32 layers' error (as the test above)."""
+    bn, plain32 = _pair(shape[1])
+    plain64 = _pair(shape[1])[1].double()
+    x = (torch.randn(shape) * 3 + 20).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(shape).contiguous(memory_format=torch.channels_last)  # about half the sums < 0
+    grad = torch.randn(shape)
+    fused = _run_add(bn, x, residual, grad, fused=True)
+    plain = _run_add(plain32, x, residual, grad, fused=False)
+    exact = _run_add(plain64, x.double(), residual.double(), grad.double(), fused=False)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last) and (fused[0] == 0).any()
+
+    def outcomes(bn, run):
+        return {"output": run[0], "input grad": run[1], "residual grad": run[2], "weight grad": bn.weight.grad,
+                "bias grad": bn.bias.grad, **dict(bn.named_buffers())}
+
+    fused, plain, exact = outcomes(bn, fused), outcomes(plain32, plain), outcomes(plain64, exact)
+    for key in exact:
+        error = (fused[key].double() - exact[key].double()).abs().max().item()
+        plain_error = (plain[key].double() - exact[key].double()).abs().max().item()
+        rounding = 1e-5 * max(1.0, exact[key].abs().max().item())
+        assert error <= 2 * plain_error + rounding, f"{key}: {error:.2e} from float64, float32 plain layers {plain_error:.2e}"
+    assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("case", ["nchw_residual", "other_shape", "relu6", "bf16", "eval", "hooked_act", "plain_switch"])
+def test_a_residual_end_the_kernel_does_not_cover_runs_the_plain_layers(monkeypatch, case):
+    calls = []
+    real = norm_act._BatchNormAddReLU.apply
+    monkeypatch.setattr(norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    bn, twin = _pair(8)
+    act = nn.ReLU6() if case == "relu6" else nn.ReLU()
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    if case == "nchw_residual":
+        residual = residual.contiguous()
+    if case == "other_shape":  # broadcasts in the plain sum
+        residual = torch.randn(1, 8, 1, 1)
+    if case == "bf16":
+        x, residual, bn, twin = x.bfloat16(), residual.bfloat16(), bn.bfloat16(), twin.bfloat16()
+    if case == "eval":
+        bn.eval(), twin.eval()
+    if case == "hooked_act":
+        act.register_forward_hook(lambda *a: None)
+    with kernels.plain() if case == "plain_switch" else torch.enable_grad():
+        y = norm_act.batch_norm_add_act(x, bn, residual, act)
+    assert calls == [] and torch.equal(y, act(twin(x) + residual))
+    norm_act.batch_norm_add_act(x.float().contiguous(memory_format=torch.channels_last), _pair(8)[0],
+                                torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last), nn.ReLU())
+    assert calls == [1]  # the covered case next to it does use the kernel
+
+
+def test_resnet_blocks_end_in_the_kernel_unless_se_or_hooks_sit_there(monkeypatch):
+    calls = []
+    real = norm_act._BatchNormAddReLU.apply
+    monkeypatch.setattr(norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for name, blocks in [("resnet20", 9), ("resnet38_bottleneck", 12), ("se_resnet20", 0)]:
+        calls.clear()
+        model = models.create_model(name).to(memory_format=torch.channels_last)
+        model(x).sum().backward()
+        assert len(calls) == blocks, name  # SE sits between the norm and the sum: its blocks run the layers
+    model = models.create_model("resnet38_bottleneck").to(memory_format=torch.channels_last)
+    seen = []
+    block = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    block.conv_pwl.register_forward_hook(lambda *a: seen.append("pwl"))
+    block.act.register_forward_hook(lambda *a: seen.append("act"))
+    calls.clear()
+    model(x)
+    assert len(calls) == 11 and seen == ["pwl", "act"]  # the watched block calls its layers, and the hooks fire
+    model.eval()
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v1", "xception_small", "resnet20",
+                                  "resnet38_bottleneck", "se_resnet20"])
 def test_a_model_trains_as_accurately_fused(name):
     """One training step of a small mobilenet_v2 (ReLU6; Identity after the projections) or
     mobilenet_v3_small (Hardswish, SE), measured against the same step in float64: loss, running

@@ -189,3 +189,17 @@ def test_step_profile_splits_zoo_and_twin_steps_into_groups():
         assert by_group["zoo kernels (norm + act, depthwise)"]["zoo_ms"] > 0 and by_group["batch norm"]["zoo_ms"] == 0
     assert step["bound_vs_twin"] == step["twin_ms"] / step["zoo_conv_ms"] > 1
     assert "`mobilenet_v1` against zoo, plain kernels" in ts.profile_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch):
+    calls = []
+    real = ts.models.norm_act._BatchNormAddReLU.apply
+    monkeypatch.setattr(ts.models.norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    with ts._residual_end(False):
+        ts.TrainStep(ts.models.create_model("resnet20", width=0.25), ts.DEFAULT, batch=2)()
+    assert calls == []
+    assert ts.models.layers.batch_norm_add_act is ts.models.norm_act.batch_norm_add_act  # restored
+    rows = ts.residual_end_steps(["resnet20"], batch=2, rounds=1, warmup=0)
+    assert len(calls) >= 9 and rows[0]["speedup"] > 0 and rows[0]["fused_img_s"] > 0  # 9 blocks, on in its rounds
+    assert "| `resnet20` |" in ts.norm_act_dw_table(rows) and "norm kernel, then sum and ReLU" in ts.norm_act_dw_table(rows)

@@ -119,3 +119,28 @@ KERNELS(relu, (y < 0.f ? 0.f : y), (y > 0.f ? 1.f : 0.f)) /* relu(NaN) is NaN, a
 KERNELS(relu6, CLAMP(y, 0.f, 6.f), ((y > 0.f && y < 6.f) ? 1.f : 0.f))
 KERNELS(hardswish, (y * CLAMP(y + 3.f, 0.f, 6.f) * (1.f / 6.f)),
         (y < -3.f ? 0.f : (y > 3.f ? 1.f : (2.f * y + 3.f) * (1.f / 6.f))))
+
+/* The last norm of a residual block with the sum and the ReLU after it: z = relu(y + r), y the norm's
+ * output as above, r (`res`) the shortcut. Forward: read x and r, write z (PyTorch's norm, sum and ReLU read or
+ * write a map 7 times). The backward works from z, which the next layer keeps anyway: du = dz where
+ * z > 0 (else 0; PyTorch's rule, so a NaN passes the gradient as there) is the gradient of both the
+ * norm's output and r. One pass sums du and du * (x - mean) and writes dr = du; a second writes dx. */
+void norm_add_relu_forward(const float *restrict x, const float *restrict res, float *restrict z, int64_t M,
+                           int64_t C, const float *restrict mean, const float *restrict a,
+                           const float *restrict beta, int nthreads) {
+    ROWS(float u = (x[i] - mean[c]) * a[c] + beta[c] + res[i]; z[i] = u < 0.f ? 0.f : u)
+}
+
+void norm_add_relu_backward(const float *restrict dz, const float *restrict z, const float *restrict x,
+                            float *restrict dx, float *restrict dr, int64_t M, int64_t C,
+                            const float *restrict gamma, const float *restrict mean,
+                            const float *restrict invstd, float *dgamma, float *dbeta, int nthreads) {
+    double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));
+    CHANNEL_SUMS(({ float du = z[i] <= 0.f ? 0.f : dz[i]; dr[i] = du; du; }),
+                 dr[i] * (x[i] - mean[c]))
+    float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));
+    float *scale = malloc(C * sizeof(float));
+    norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);
+    ROWS(dx[i] = (dr[i] - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])
+    free(s1); free(s2); free(k1); free(k2); free(scale);
+}
