@@ -487,3 +487,50 @@ def test_each_epoch_logs_one_line_saying_where_the_run_stands(compose_train, tmp
     with caplog.at_level("INFO", logger="train"):
         train(compose_train("trainer.max_epochs=4", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
     assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "train"] == ["epoch 4/4"]
+
+
+class HostReads(L.Callback):
+    """Counts the tensor values read back to the host (bool(), item(), float(), ...) from one training
+    batch's start to the next's: what makes a GPU step wait for the device."""
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+
+        reads = self.reads = []
+
+        class Count(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "__float__", "__int__"):
+                    reads.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode_type, self.mode, self.steps = Count, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.steps += 1
+        self.mode = None
+        if batch_idx + 1 < trainer.num_training_batches:  # not across the epoch's end (validation reads)
+            self.mode = self.mode_type()
+            self.mode.__enter__()
+
+
+def test_a_gpu_step_reads_nothing_back_and_the_nan_guard_still_stops_before_saving(compose_train, tmp_path, monkeypatch):
+    import training.module
+
+    # on a CPU the guard reads the loss every step (free there); an accelerator defers it
+    reads = HostReads()  # (between log steps: a logged step reads its values, every log_every_n_steps)
+    train(compose_train("trainer.max_epochs=1", "trainer.log_every_n_steps=50"), callbacks=[reads])
+    assert reads.steps >= 2 and len(reads.reads) == reads.steps  # the guard's one bool() per step
+    monkeypatch.setattr(training.module, "_deferred_reads", lambda device: True)  # as on a GPU
+    reads = HostReads()
+    train(compose_train("trainer.max_epochs=1", "trainer.log_every_n_steps=50", run_dir=tmp_path / "deferred"), callbacks=[reads])
+    assert reads.steps >= 2 and reads.reads == []
+    # deferred, a NaN is still caught before any checkpoint of the broken weights is written
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan or inf at epoch 1, at a step from \d+ to \d+") as err:
+        train(compose_train("trainer.max_epochs=3", run_dir=run), callbacks=[PoisonWeights(epoch=1)])
+    assert str(run / "checkpoints" / "last.ckpt") in str(err.value)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

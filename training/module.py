@@ -160,6 +160,11 @@ def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes, top_k=min(top_k, num_classes), average="micro", ignore_index=IGNORE)
 
 
+def _deferred_reads(device: torch.device) -> bool:
+    """Whether reading a value of `device` back to the host stalls it (every accelerator; not a CPU)."""
+    return device.type != "cpu"
+
+
 class ClassifierModule(L.LightningModule):
     """Image classifier around `models.create_model`.
 
@@ -192,7 +197,9 @@ class ClassifierModule(L.LightningModule):
         self.tta = bool(tta)  # flip test-time augmentation in validation/test steps (eval.py's eval.tta)
         # Logged as metric objects: Lightning computes them (synced across DDP ranks) at the end of
         # each epoch and resets them. Metric states are not saved in checkpoints.
-        self.train_acc, self.train_loss = _accuracy(self.num_classes), MeanMetric()
+        # The training loss is checked for NaN/inf by _check_finite; the metric's own check would read
+        # it back to the host every step (a GPU sync), so it is off.
+        self.train_acc, self.train_loss = _accuracy(self.num_classes), MeanMetric(nan_strategy="disable")
         self.val_acc, self.val_acc_top5, self.val_loss = _accuracy(self.num_classes), _accuracy(self.num_classes, 5), MeanMetric()
         self.test_acc, self.test_acc_top5, self.test_loss = _accuracy(self.num_classes), _accuracy(self.num_classes, 5), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE)
@@ -226,20 +233,54 @@ class ClassifierModule(L.LightningModule):
         self.train_acc.update(logits.detach(), y)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+        # progress-bar values are read back to the host every step (a GPU sync): only for a bar someone sees
+        bar = self.trainer.progress_bar_callback is not None
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=bar)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=bar)
         return loss
 
+    # -- the NaN guard ---------------------------------------------------------------------------
+    # Reading a loss on a CPU costs nothing, so it is checked every step. On a GPU, reading it back
+    # makes the host wait for the device every step, which costs small networks much of their speed:
+    # there the check stays on the device and is read every FINITE_CHECK_STEPS steps and before any
+    # checkpoint is written, so broken weights are never saved either way.
+    FINITE_CHECK_STEPS = 50
+
     def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()))
+        finite = torch.isfinite(loss.detach())
+        if not _deferred_reads(loss.device):
+            ok = bool(finite)
+            self._raise_unless_finite(ok, f"at step {self.global_step}", None if ok else loss.item())
+            return
+        if getattr(self, "_finite", None) is None:
+            self._finite, self._finite_since = finite, self.global_step
+        else:
+            self._finite = self._finite & finite
+        if (self.global_step + 1) % self.FINITE_CHECK_STEPS == 0:
+            self._read_finite_check()
+
+    def _read_finite_check(self) -> None:
+        """Read the device-side NaN guard (steps since the last read) and raise if any loss was not finite."""
+        finite = getattr(self, "_finite", None)
+        if finite is None:
+            return
+        self._finite = None
+        self._raise_unless_finite(bool(finite), f"at a step from {self._finite_since} to {self.global_step}", None)
+
+    def _raise_unless_finite(self, ok: bool, where: str, value: float | None) -> None:
+        bad = not ok
         if self.trainer.world_size > 1:  # all ranks stop together, or the others hang in all-reduce
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            became = f"became {value}" if value is not None else "became nan or inf"
             raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"the training loss {became} at epoch {self.current_epoch}, {where}; "
                 "training stopped before saving the broken weights. Lower optim.lr, keep warm-up on, "
                 "or try trainer.precision=32-true."
             )
+
+    def on_train_epoch_end(self) -> None:
+        self._read_finite_check()
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -288,6 +329,7 @@ class ClassifierModule(L.LightningModule):
     # -- exact resume ------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._read_finite_check()  # the NaN guard first: raising here leaves the previous checkpoint in place
         # Dropout draws from torch's global RNG; saving it makes a resumed run draw what the
         # uninterrupted one would have (data order/augmentation derive from (seed, epoch)).
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
