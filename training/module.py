@@ -204,6 +204,8 @@ class ClassifierModule(L.LightningModule):
         self.test_acc, self.test_acc_top5, self.test_loss = _accuracy(self.num_classes), _accuracy(self.num_classes, 5), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE)
         self.test_report: dict[str, Any] = {}
+        self._finite: torch.Tensor | None = None  # the NaN guard's flag while its read is deferred (below)
+        self._finite_since = 0
 
     def setup(self, stage: str) -> None:
         # Compile in place (keeps state_dict keys); lazily, so params/MACs are counted uncompiled.
@@ -252,7 +254,7 @@ class ClassifierModule(L.LightningModule):
             ok = bool(finite)
             self._raise_unless_finite(ok, f"at step {self.global_step}", None if ok else loss.item())
             return
-        if getattr(self, "_finite", None) is None:
+        if self._finite is None:
             self._finite, self._finite_since = finite, self.global_step
         else:
             self._finite = self._finite & finite
@@ -261,10 +263,9 @@ class ClassifierModule(L.LightningModule):
 
     def _read_finite_check(self) -> None:
         """Read the device-side NaN guard (steps since the last read) and raise if any loss was not finite."""
-        finite = getattr(self, "_finite", None)
+        finite, self._finite = self._finite, None
         if finite is None:
             return
-        self._finite = None
         self._raise_unless_finite(bool(finite), f"at a step from {self._finite_since} to {self.global_step}", None)
 
     def _raise_unless_finite(self, ok: bool, where: str, value: float | None) -> None:
