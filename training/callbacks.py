@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import statistics
 import time
 
 import lightning as L
@@ -101,7 +102,7 @@ class EpochReport(L.Callback):
 
     An epoch's train metrics are reduced after the epoch's hooks run, so each epoch is reported when
     the next one starts (and the last when training ends). Its seconds include validation; the time
-    left is the remaining epochs at the mean epoch time of this process (not of earlier legs of a
+    left is the remaining epochs at the median epoch time of this process (not of earlier legs of a
     resumed run, which may have run on other hardware).
     """
 
@@ -138,7 +139,7 @@ class EpochReport(L.Callback):
         if total is not None and total > 0:
             left = total - (epoch + 1)
             if left > 0:
-                eta = left * sum(self._seconds) / len(self._seconds)
+                eta = left * statistics.median(self._seconds)  # a median: one stalled epoch does not skew it
                 ends = datetime.datetime.now() + datetime.timedelta(seconds=eta)
                 span = f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min"
                 parts.append(f"{left} to go, ~{span} (ends ~{ends:%H:%M})")
