@@ -47,9 +47,10 @@ Part 6 (`--norm-act-depthwise [MODEL ...]`): every distinct expanded map of the 
 `--all-batch`, as two layers (`models/norm_act.py`'s kernel, then the conv) against one kernel
 (`models/norm_act_depthwise.py`), in the same rounds: the measurement behind its `kernel_wins`.
 
-Part 8 (`--residual-end [MODEL ...]`): whole ResNet training steps with each block's last norm, the
-residual sum and the ReLU in one kernel (`models.norm_act.batch_norm_add_act`) against the norm's
-kernel followed by PyTorch's sum and ReLU, interleaved.
+Part 8 (`--residual-end [MODEL ...]`): whole training steps with each residual block's last norm, the
+residual sum and (ResNets) the ReLU in one kernel (`models.norm_act.batch_norm_add_act`) against the
+norm's kernel followed by PyTorch's sum and ReLU, interleaved: ResNet blocks, and the inverted
+residuals' linear ends.
 
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
@@ -519,7 +520,8 @@ def depthwise_table(rows: list[dict]) -> str:
 # -- part 6: the expand's norm + act fused into the depthwise conv --------------------------------
 
 NORM_ACT_DW_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
-RESIDUAL_MODELS = ("resnet20", "resnet56", "resnet38_bottleneck")  # part 8 (se_resnet20's SE sits before its sum)
+# part 8 (se_resnet20's SE sits before its sum)
+RESIDUAL_MODELS = ("resnet20", "resnet56", "resnet38_bottleneck", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 
 
 def norm_act_dw_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
@@ -611,7 +613,7 @@ def _residual_end(on: bool):
     import models.layers as layers
     from models.norm_act import batch_norm_act, batch_norm_add_act
 
-    # off: the block's last norm in its own kernel (act Identity), then PyTorch's sum and ReLU
+    # off: the block's last norm in its own kernel (act Identity), then PyTorch's sum and activation
     layers.batch_norm_add_act = batch_norm_add_act if on else (lambda x, bn, r, act: act(batch_norm_act(x, bn, nn.Identity()) + r))
     try:
         yield
@@ -620,7 +622,7 @@ def _residual_end(on: bool):
 
 
 def residual_end_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
-    """Part 8: ResNet steps with each block's last norm, sum and ReLU in one kernel
+    """Part 8: steps with each residual block's last norm, sum and ReLU (or none) in one kernel
     (`models.norm_act.batch_norm_add_act`) against the norm's kernel followed by PyTorch's sum and ReLU."""
     return switched_steps(names, batch, rounds, _residual_end, "residual_end_step", warmup, log)
 
@@ -837,8 +839,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"part 6: every expanded norm + act + depthwise conv of these models, two layers against one "
                         f"kernel (default: {' '.join(NORM_ACT_DW_MODELS)})")
     p.add_argument("--residual-end", nargs="*", default=None, metavar="MODEL",
-                   help=f"part 8: whole ResNet steps, each block's norm + sum + ReLU in one kernel against the norm's kernel "
-                        f"then the sum and ReLU (default: {' '.join(RESIDUAL_MODELS)})")
+                   help=f"part 8: whole steps, each residual block's norm + sum (+ ReLU) in one kernel against the norm's kernel "
+                        f"then the sum (and ReLU) (default: {' '.join(RESIDUAL_MODELS)})")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -925,8 +927,8 @@ def main(argv=None) -> int:
         csv_rows += rows + steps
     if args.residual_end is not None:
         rows = residual_end_steps(args.residual_end or list(RESIDUAL_MODELS), args.all_batch, args.all_rounds, args.warmup, log=log)
-        print(f"## ResNet blocks' end: norm, sum and ReLU in one kernel (models/norm_act.py) against the norm's kernel "
-              f"then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()}), batch {args.all_batch}, "
+        print(f"## Residual blocks' end: norm, sum and ReLU (ResNets) or none (inverted residuals) in one kernel "
+              f"(models/norm_act.py) against the norm's kernel then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()}), batch {args.all_batch}, "
               f"median of {args.all_rounds} interleaved rounds\n")
         print(norm_act_dw_table(rows) + "\n")
         csv_rows += rows

@@ -373,11 +373,10 @@ class InvertedResidual(_ExpandResidual):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            h = self.conv_dw(self.conv_pw(x))
-        else:
-            h = self._expand_depthwise(x)
-        y = self.conv_pwl(self.se(h))
-        return x + y if self.has_skip else y
+            y = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
+            return x + y if self.has_skip else y
+        h = self.se(self._expand_depthwise(x))
+        return linear_residual_end(self.conv_pwl, h, x) if self.has_skip else self.conv_pwl(h)
 
     @torch.jit.unused
     def _expand_depthwise(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,8 +402,11 @@ class DenseProjResidual(_ExpandResidual):
         self.conv = ConvNormAct(mid_chs, out_chs, kernel_size, stride, norm_layer=norm_layer, act_layer=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(self.se(self.conv_pw(x)))
-        return x + y if self.has_skip else y
+        h = self.se(self.conv_pw(x))
+        if torch.jit.is_scripting() or not self.has_skip:
+            y = self.conv(h)
+            return x + y if self.has_skip else y
+        return linear_residual_end(self.conv, h, x)
 
 
 def _unmerged(conv_mode: ConvMode | str, block: str, factory: str) -> ConvMode:
@@ -446,6 +448,16 @@ def residual_end(block: nn.Module, last: nn.Module, h: torch.Tensor, x: torch.Te
             and not (_hooked(last) or _hooked(last.act) or _hooked(block.se))):
         return batch_norm_add_act(last.conv(h), last.bn, block.shortcut(x), block.act)
     return block.act(block.se(last(h)) + block.shortcut(x))
+
+
+@torch.jit.unused
+def linear_residual_end(last: nn.Module, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An inverted residual's end, `x + last(h)` with `last` a linear conv + norm: the norm and the sum
+    are one kernel when training on CPU (models/norm_act.py, `batch_norm_add_act` with no
+    activation); a hooked layer is called as itself."""
+    if type(last) is ConvNormAct and type(last.act) is nn.Identity and not (_hooked(last) or _hooked(last.act)):
+        return batch_norm_add_act(last.conv(h), last.bn, x, last.act)
+    return x + last(h)
 
 
 class BasicBlock(nn.Module):

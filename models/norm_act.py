@@ -9,8 +9,9 @@ mode, NCHW, bf16, other norms and activations, hooks on the layers, graph captur
 -- takes the two plain layers, so results never depend on which path ran beyond float rounding.
 
 `batch_norm_add_act(x, bn, residual, act)` returns `act(bn(x) + residual)`, a residual block's end
-(ResNet basic and bottleneck blocks without SE): with a ReLU, the sum and the activation run inside
-the norm's kernel, under the same conditions.
+(ResNet basic and bottleneck blocks without SE; an inverted residual's linear projection and its
+sum): with a ReLU or no activation, the sum and the activation run inside the norm's kernel, under
+the same conditions.
 
 The kernel compiles on first use with the zoo's other C kernels (`models/native.py`); where that
 fails, a warning says why and the plain layers run. `models.kernels.plain()`
@@ -109,42 +110,54 @@ def batch_norm_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> torch.Tens
     return _BatchNormAct.apply(x, bn.weight, bn.bias, bn, name)
 
 
-class _BatchNormAddReLU(torch.autograd.Function):
-    """relu(batch_norm(x) + residual) in training mode; x and residual float32 channels-last, CPU.
-    Keeps x and the output (which the next layer keeps anyway), not the sum."""
+class _BatchNormAdd(torch.autograd.Function):
+    """act(batch_norm(x) + residual) in training mode, act ReLU or Identity; x and residual float32
+    channels-last, CPU. With the ReLU it keeps x and the output (which the next layer keeps anyway),
+    not the sum; without, x alone, and the residual's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, bn: nn.BatchNorm2d):
+    def forward(ctx, x, residual, weight, bias, bn: nn.BatchNorm2d, act: str):
         n, c, h, w = x.shape
         gamma, beta, mean, invstd, a = _batch_stats(x, weight, bias, bn)
         z = torch.empty_like(x)
-        native.lib().norm_add_relu_forward(
+        getattr(native.lib(), f"norm_add_{act}_forward")(
             _ptr(x), _ptr(residual), _ptr(z), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(mean), _ptr(a),
             _ptr(beta), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
-        ctx.save_for_backward(x, z, gamma, mean, invstd)
+        kept = (z,) if act == "relu" else ()  # the ReLU's backward masks by the output
+        ctx.save_for_backward(x, gamma, beta, mean, invstd, a, *kept)
+        ctx.act = act
         return z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
-        x, z, gamma, mean, invstd = ctx.saved_tensors
+        x, gamma, beta, mean, invstd, a, *kept = ctx.saved_tensors
         n, c, h, w = x.shape
+        m, c64, threads = ctypes.c_int64(n * h * w), ctypes.c_int64(c), ctypes.c_int(torch.get_num_threads())
         dz = dz.contiguous(memory_format=torch.channels_last)
-        dx, dr, dgamma, dbeta = torch.empty_like(x), torch.empty_like(x), torch.empty(c), torch.empty(c)
+        dx, dgamma, dbeta = torch.empty_like(x), torch.empty(c), torch.empty(c)
+        if ctx.act == "identity":  # the sum passes dz to both sides; the norm's backward is the plain one's
+            native.lib().norm_act_backward_identity(
+                _ptr(dz), _ptr(x), _ptr(dx), m, c64, _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(a), _ptr(beta),
+                _ptr(dgamma), _ptr(dbeta), threads,
+            )  # fmt: skip
+            return dx, dz, dgamma, dbeta, None, None
+        dr = torch.empty_like(x)
         native.lib().norm_add_relu_backward(
-            _ptr(dz), _ptr(z), _ptr(x), _ptr(dx), _ptr(dr), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(gamma),
-            _ptr(mean), _ptr(invstd), _ptr(dgamma), _ptr(dbeta), ctypes.c_int(torch.get_num_threads()),
+            _ptr(dz), _ptr(kept[0]), _ptr(x), _ptr(dx), _ptr(dr), m, c64, _ptr(gamma), _ptr(mean), _ptr(invstd),
+            _ptr(dgamma), _ptr(dbeta), threads,
         )  # fmt: skip
-        return dx, dr, dgamma, dbeta, None
+        return dx, dr, dgamma, dbeta, None, None
 
 
 def batch_norm_add_act(x: torch.Tensor, bn: nn.Module, residual: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """`act(bn(x) + residual)`: a residual block's last norm, its sum and its activation. One kernel
-    when `act(bn(x))` could run fused with a ReLU and the residual is a float32 channels-last map of
-    x's shape (the C file's `norm_add_relu_*`: the sum and the ReLU cost no pass of their own); else
-    the plain layers."""
-    if (_fusable(x, bn, act) != "relu" or type(residual) is not torch.Tensor or residual.shape != x.shape
+    when `act(bn(x))` could run fused with a ReLU (a ResNet block) or no activation (an inverted
+    residual's linear end) and the residual is a float32 channels-last map of x's shape (the C file's
+    `norm_add_*`: the sum and the ReLU cost no pass of their own); else the plain layers."""
+    name = _fusable(x, bn, act)
+    if (name not in ("relu", "identity") or type(residual) is not torch.Tensor or residual.shape != x.shape
             or residual.dtype != torch.float32 or not residual.is_contiguous(memory_format=torch.channels_last)):
         return act(bn(x) + residual)
-    return _BatchNormAddReLU.apply(x, residual, bn.weight, bn.bias, bn)
+    return _BatchNormAdd.apply(x, residual, bn.weight, bn.bias, bn, name)

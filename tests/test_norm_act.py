@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import models
 from models import kernels, native, norm_act
-from models.layers import Bottleneck, ConvNormAct
+from models.layers import Bottleneck, ConvNormAct, InvertedResidual
 
 pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)")
 
@@ -137,27 +137,30 @@ def test_uncovered_cases_run_the_plain_layers(case):
     assert torch.equal(y, act(twin(x)))
 
 
-def _run_add(bn, x, residual, grad, fused: bool):
+def _run_add(bn, x, residual, grad, fused: bool, act=nn.ReLU):
     x, residual = x.clone().requires_grad_(), residual.clone().requires_grad_()
     with kernels.plain() if not fused else torch.enable_grad():
-        y = norm_act.batch_norm_add_act(x, bn, residual, nn.ReLU())
+        y = norm_act.batch_norm_add_act(x, bn, residual, act())
     y.backward(grad)
     return y, x.grad, residual.grad
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Identity], ids=lambda a: a.__name__)
 @pytest.mark.parametrize("shape", [(8, 48, 9, 7), (3, 5, 4, 4), (2, 130, 1, 1), (64, 16, 8, 8)])
-def test_the_residual_sum_and_relu_inside_the_norm_are_as_accurate(shape):
-    """relu(bn(x) + r): output, the gradients of x, r, weight and bias, and the buffers, against
-    float64, within twice the plain float32 layers' error (as the test above)."""
+def test_the_residual_sum_and_relu_inside_the_norm_are_as_accurate(act, shape):
+    """relu(bn(x) + r) (a ResNet block's end) and bn(x) + r (an inverted residual's): output, the
+    gradients of x, r, weight and bias, and the buffers, against float64, within twice the plain
+    float32 layers' error (as the test above)."""
     bn, plain32 = _pair(shape[1])
     plain64 = _pair(shape[1])[1].double()
     x = (torch.randn(shape) * 3 + 20).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(shape).contiguous(memory_format=torch.channels_last)  # about half the sums < 0
     grad = torch.randn(shape)
-    fused = _run_add(bn, x, residual, grad, fused=True)
-    plain = _run_add(plain32, x, residual, grad, fused=False)
-    exact = _run_add(plain64, x.double(), residual.double(), grad.double(), fused=False)
-    assert fused[0].is_contiguous(memory_format=torch.channels_last) and (fused[0] == 0).any()
+    fused = _run_add(bn, x, residual, grad, True, act)
+    plain = _run_add(plain32, x, residual, grad, False, act)
+    exact = _run_add(plain64, x.double(), residual.double(), grad.double(), False, act)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+    assert (fused[0] == 0).any() == (act is nn.ReLU) and (fused[0] < 0).any() == (act is nn.Identity)
 
     def outcomes(bn, run):
         return {"output": run[0], "input grad": run[1], "residual grad": run[2], "weight grad": bn.weight.grad,
@@ -175,8 +178,8 @@ def test_the_residual_sum_and_relu_inside_the_norm_are_as_accurate(shape):
 @pytest.mark.parametrize("case", ["nchw_residual", "other_shape", "relu6", "bf16", "eval", "hooked_act", "plain_switch"])
 def test_a_residual_end_the_kernel_does_not_cover_runs_the_plain_layers(monkeypatch, case):
     calls = []
-    real = norm_act._BatchNormAddReLU.apply
-    monkeypatch.setattr(norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    real = norm_act._BatchNormAdd.apply
+    monkeypatch.setattr(norm_act._BatchNormAdd, "apply", lambda *a: calls.append(1) or real(*a))
     bn, twin = _pair(8)
     act = nn.ReLU6() if case == "relu6" else nn.ReLU()
     x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
@@ -201,14 +204,14 @@ def test_a_residual_end_the_kernel_does_not_cover_runs_the_plain_layers(monkeypa
 
 def test_resnet_blocks_end_in_the_kernel_unless_se_or_hooks_sit_there(monkeypatch):
     calls = []
-    real = norm_act._BatchNormAddReLU.apply
-    monkeypatch.setattr(norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    real = norm_act._BatchNormAdd.apply
+    monkeypatch.setattr(norm_act._BatchNormAdd, "apply", lambda *a: calls.append(a[-1]) or real(*a))
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     for name, blocks in [("resnet20", 9), ("resnet38_bottleneck", 12), ("se_resnet20", 0)]:
         calls.clear()
         model = models.create_model(name).to(memory_format=torch.channels_last)
         model(x).sum().backward()
-        assert len(calls) == blocks, name  # SE sits between the norm and the sum: its blocks run the layers
+        assert calls == ["relu"] * blocks, name  # SE sits between the norm and the sum: its blocks run the layers
     model = models.create_model("resnet38_bottleneck").to(memory_format=torch.channels_last)
     seen = []
     block = next(m for m in model.modules() if isinstance(m, Bottleneck))
@@ -217,6 +220,33 @@ def test_resnet_blocks_end_in_the_kernel_unless_se_or_hooks_sit_there(monkeypatc
     calls.clear()
     model(x)
     assert len(calls) == 11 and seen == ["pwl", "act"]  # the watched block calls its layers, and the hooks fire
+    model.eval()
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
+def test_inverted_residuals_end_in_the_kernel_unless_hooks_sit_there(monkeypatch):
+    """The blocks with a residual (stride 1, equal widths) end in the kernel without an activation:
+    mobilenet_v2 has 10 of 17, mobilenet_v3_small 7 of 11 (SE gates before the projection, so
+    it does not stand in the way), and conv_mode="full"'s dense projection blocks as many."""
+    calls = []
+    real = norm_act._BatchNormAdd.apply
+    monkeypatch.setattr(norm_act._BatchNormAdd, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for name, kwargs, blocks in [("mobilenet_v2", {}, 10), ("mobilenet_v3_small", {}, 7),
+                                 ("mobilenet_v2", {"conv_mode": "full"}, 10)]:
+        calls.clear()
+        model = models.create_model(name, **kwargs).to(memory_format=torch.channels_last)
+        model(x).sum().backward()
+        assert calls == ["identity"] * blocks, (name, kwargs)
+    model = models.create_model("mobilenet_v2").to(memory_format=torch.channels_last)
+    block = next(m for m in model.modules() if isinstance(m, InvertedResidual) and m.has_skip)
+    seen = []
+    block.conv_pwl.register_forward_hook(lambda *a: seen.append("pwl"))
+    calls.clear()
+    model(x)
+    assert len(calls) == 9 and seen == ["pwl"]  # the watched block calls its projection, and the hook fires
     model.eval()
     calls.clear()
     model(x)

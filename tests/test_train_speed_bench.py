@@ -194,11 +194,12 @@ def test_step_profile_splits_zoo_and_twin_steps_into_groups():
 @pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
 def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch):
     calls = []
-    real = ts.models.norm_act._BatchNormAddReLU.apply
-    monkeypatch.setattr(ts.models.norm_act._BatchNormAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    real = ts.models.norm_act._BatchNormAdd.apply
+    monkeypatch.setattr(ts.models.norm_act._BatchNormAdd, "apply", lambda *a: calls.append(1) or real(*a))
     with ts._residual_end(False):
         ts.TrainStep(ts.models.create_model("resnet20", width=0.25), ts.DEFAULT, batch=2)()
-    assert calls == []
+        ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.25), ts.DEFAULT, batch=2)()
+    assert calls == []  # off for the inverted residuals' linear ends too
     assert ts.models.layers.batch_norm_add_act is ts.models.norm_act.batch_norm_add_act  # restored
     rows = ts.residual_end_steps(["resnet20"], batch=2, rounds=1, warmup=0)
     assert len(calls) >= 9 and rows[0]["speedup"] > 0 and rows[0]["fused_img_s"] > 0  # 9 blocks, on in its rounds

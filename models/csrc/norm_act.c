@@ -144,3 +144,13 @@ void norm_add_relu_backward(const float *restrict dz, const float *restrict z, c
     ROWS(dx[i] = (dr[i] - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])
     free(s1); free(s2); free(k1); free(k2); free(scale);
 }
+
+/* The linear end of an inverted residual (MobileNetV2/V3): z = y + r with no activation after the sum.
+ * Forward: read x and r, write z, after the statistics' pass: 4 map passes, where PyTorch's norm then sum
+ * make 6. The backward needs no kernel of its own: r's gradient is dz itself, and x's is
+ * norm_act_backward_identity's. */
+void norm_add_identity_forward(const float *restrict x, const float *restrict res, float *restrict z, int64_t M,
+                               int64_t C, const float *restrict mean, const float *restrict a,
+                               const float *restrict beta, int nthreads) {
+    ROWS(z[i] = (x[i] - mean[c]) * a[c] + beta[c] + res[i])
+}
