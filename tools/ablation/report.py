@@ -207,7 +207,8 @@ def findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         for mode in [m for m in MODES if m in modes and m != "separable"]:
             runs = modes[mode]
             acc, macs, lat = _mean(runs, "val_acc"), runs[0]["macs"], _median(runs, "latency_b1_ms")
-            latency = f", {lat / lat0:.2f}x the batch-1 latency" if lat and lat0 else ""
+            same_machine = {r.get("latency_cpu") for r in runs} == {r.get("latency_cpu") for r in base}
+            latency = f", {lat / lat0:.2f}x the batch-1 latency" if lat and lat0 and same_machine else ""
             parts.append(f"`{mode}` {100 * acc:.2f}% ({100 * (acc - acc0):+.2f} points) for {macs / macs0:.2f}x the mult-adds{latency}")
         widened = any((m, st, e) == (model, stem, epochs) and "full" in ms and w < width for (m, w, st, e), ms in by_arch.items())
         if parts:
@@ -251,8 +252,9 @@ def write_report(rows: Sequence[dict[str, Any]], csv_path: Path, out: Path, plot
         "",
     ]
     lines += ["## What the numbers say", "",
-              f"Computed from the rows of at least {CONVERGED} epochs (seeds averaged; latency: batch 1, same measure call "
-              "where the rows were measured together):", "", *(f"- {line}" for line in findings(rows)), ""]
+              f"Computed from the rows of at least {CONVERGED} epochs (seeds averaged; latency: batch 1, set against a row "
+              "timed on the same machine, torch and day -- in the same measure call where the rows were measured together, "
+              "else within about 10%, what one run moved between two calls):", "", *(f"- {line}" for line in findings(rows)), ""]
     printed = []
     for family, table, warnings in sections:
         lines += [f"## {family}", "", table, ""]
