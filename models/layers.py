@@ -403,9 +403,10 @@ class DenseProjResidual(_ExpandResidual):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.se(self.conv_pw(x))
-        if torch.jit.is_scripting() or not self.has_skip:
-            y = self.conv(h)
-            return x + y if self.has_skip else y
+        if not self.has_skip:
+            return self.conv(h)
+        if torch.jit.is_scripting():
+            return x + self.conv(h)
         return linear_residual_end(self.conv, h, x)
 
 
