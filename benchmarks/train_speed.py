@@ -52,6 +52,11 @@ residual sum and (ResNets) the ReLU in one kernel (`models.norm_act.batch_norm_a
 norm's kernel followed by PyTorch's sum and ReLU, interleaved: ResNet blocks, and the inverted
 residuals' linear ends.
 
+Part 9 (`--autocast-float32 [MODEL ...]`): whole training steps under bf16 autocast (channels-last,
+param groups), the depthwise convs `models.kernels.float32_depthwise` picks (with the norm + act
+fused before them, and the other strided ones) computed in float32 on the zoo's kernels, against
+the whole network in bf16, interleaved.
+
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
 torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
@@ -570,14 +575,14 @@ def norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: int = 
 
 
 def switched_steps(names: list[str], batch: int, rounds: int, switch: Callable[[bool], contextlib.AbstractContextManager],
-                   table: str, warmup: int = 1, log=None) -> list[dict]:
-    """Each model's whole training step (default settings) with one kernel choice off and on, in the
-    same interleaved rounds: `switch(on)` is a context in which the step runs. What that one kernel is
-    worth to a step, free of a twin's other differences."""
+                   table: str, warmup: int = 1, log=None, settings: Settings | None = None) -> list[dict]:
+    """Each model's whole training step (`settings`, default: DEFAULT) with one kernel choice off and
+    on, in the same interleaved rounds: `switch(on)` is a context in which the step runs. What that
+    one kernel is worth to a step, free of a twin's other differences."""
     rows = []
     for name in names:
         torch.manual_seed(0)
-        step = TrainStep(models.create_model(name, num_classes=10), DEFAULT, batch)
+        step = TrainStep(models.create_model(name, num_classes=10), settings or DEFAULT, batch)
 
         def run(on: bool) -> None:
             with switch(on):
@@ -627,11 +632,36 @@ def residual_end_steps(names: list[str], batch: int, rounds: int, warmup: int = 
     return switched_steps(names, batch, rounds, _residual_end, "residual_end_step", warmup, log)
 
 
+@contextlib.contextmanager
+def _autocast_float32(on: bool):
+    rule = models.kernels.float32_depthwise
+    models.kernels.float32_depthwise = rule if on else (lambda stride, fused_norm: False)
+    try:
+        yield
+    finally:
+        models.kernels.float32_depthwise = rule
+
+
+def autocast_float32_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 9: whole steps under bf16 autocast (whatever the CPU computes natively), the depthwise
+    convs where `kernels.float32_depthwise` puts them (float32, on the zoo's kernels) against all of
+    the network in bf16."""
+    bf16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)
+    return switched_steps(names, batch, rounds, _autocast_float32, "autocast_float32_step", warmup, log, bf16)
+
+
+# whole-step tables of switched_steps: their two columns' names
+STEP_TABLES = {
+    "norm_act_depthwise_step": ("two layers everywhere (img/s)", "one kernel where it wins (img/s)"),
+    "residual_end_step": ("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)"),
+    "autocast_float32_step": ("all bf16 (img/s)", "depthwise in float32 where the rule says (img/s)"),
+}
+
+
 def norm_act_dw_table(rows: list[dict]) -> str:
-    steps = [r for r in rows if r["table"] in ("norm_act_depthwise_step", "residual_end_step")]
+    steps = [r for r in rows if r["table"] in STEP_TABLES]
     if steps:
-        off, on = (("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)") if steps[0]["table"] == "residual_end_step"
-                   else ("two layers everywhere (img/s)", "one kernel where it wins (img/s)"))
+        off, on = STEP_TABLES[steps[0]["table"]]
         return md_table(["model", off, on, "speed-up"],
                         [[f"`{r['model']}`", f"{r['two_layers_img_s']:,.0f}", f"{r['fused_img_s']:,.0f}", f"{r['speedup']:.2f}x"]
                          for r in steps], right=[False, True, True, True])
@@ -841,6 +871,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual-end", nargs="*", default=None, metavar="MODEL",
                    help=f"part 8: whole steps, each residual block's norm + sum (+ ReLU) in one kernel against the norm's kernel "
                         f"then the sum (and ReLU) (default: {' '.join(RESIDUAL_MODELS)})")
+    p.add_argument("--autocast-float32", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 9: whole steps under bf16 autocast, depthwise convs in float32 where models.kernels."
+                        f"float32_depthwise says against all bf16 (default: {' '.join(DEPTHWISE_MODELS)})")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -930,6 +963,14 @@ def main(argv=None) -> int:
         print(f"## Residual blocks' end: norm, sum and ReLU (ResNets) or none (inverted residuals) in one kernel "
               f"(models/norm_act.py) against the norm's kernel then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()}), batch {args.all_batch}, "
               f"median of {args.all_rounds} interleaved rounds\n")
+        print(norm_act_dw_table(rows) + "\n")
+        csv_rows += rows
+    if args.autocast_float32 is not None:
+        rows = autocast_float32_steps(args.autocast_float32 or list(DEPTHWISE_MODELS), args.all_batch, args.all_rounds,
+                                      args.warmup, log=log)
+        print(f"## Under bf16 autocast: depthwise convs in float32 where models.kernels.float32_depthwise says, against "
+              f"the whole network in bf16; whole training steps (bf16 autocast, channels-last, param groups), batch "
+              f"{args.all_batch}, median of {args.all_rounds} interleaved rounds\n")
         print(norm_act_dw_table(rows) + "\n")
         csv_rows += rows
     if args.profile is not None:

@@ -4,11 +4,13 @@
 When a float32 channels-last map is trained on a CPU (gradients wanted), it runs
 `csrc/depthwise.c` instead where it was measured faster than oneDNN (`kernels_win`: 5x5 filters,
 and 3x3 ones on maps of at most 2x2): the forward, the weight gradient, and the input gradient at
-stride 1; the input gradient at stride 2 stays oneDNN's. Everything else -- other 3x3 layers, eval or
-no_grad, NCHW, bf16, a bias, dilation, fewer than 16 channels, hooks on the conv, graph capture,
-a dispatch mode such as FlopCounterMode, no C compiler -- calls `conv(x)`, so results never depend
-on which path ran beyond float rounding. `models.kernels.plain()` turns it off with the other
-measured kernels.
+stride 1; the input gradient at stride 2 stays oneDNN's. Under CPU autocast to bf16, a strided
+depthwise conv computes in float32 (its input cast once, autocast off around it: oneDNN's bf16
+depthwise conv is the slow path, `kernels.float32_depthwise`) and returns float32. Everything else
+-- other 3x3 layers, eval or no_grad, NCHW, a bf16 map outside autocast, a bias, dilation, fewer than
+16 channels, hooks on the conv, graph capture, a dispatch mode such as FlopCounterMode, no C
+compiler -- calls `conv(x)`, so results never depend on which path ran beyond float rounding.
+`models.kernels.plain()` turns it off with the other measured kernels.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _covered(x: torch.Tensor, conv: nn.Module) -> bool:
         return False  # switched off, a graph being captured (first: x may be a tracer's proxy), or FLOP counting
     if type(conv) is not nn.Conv2d or not torch.is_grad_enabled() or not conv.weight.requires_grad:
         return False  # only training needs a backward; inference stays oneDNN's
-    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != 4 or torch.is_autocast_enabled("cpu"):
+    if not x.is_cpu or x.dim() != 4 or not kernel_dtype(x):
         return False
     c = x.shape[1]
     k = conv.kernel_size[0]
@@ -96,6 +98,15 @@ def _covered(x: torch.Tensor, conv: nn.Module) -> bool:
     if conv._forward_hooks or conv._forward_pre_hooks or conv.weight.dtype != torch.float32:
         return False  # someone watches the layer: call it
     return x.is_contiguous(memory_format=torch.channels_last)
+
+
+def kernel_dtype(x: torch.Tensor) -> bool:
+    """Whether x's dtype suits the float32 kernels: float32 outside autocast; under CPU autocast to
+    bf16/fp16, float32 or that low precision, which the caller casts to float32 before it turns
+    autocast off (where `kernels.float32_depthwise` says float32 is faster)."""
+    if kernels.low_precision_autocast():
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 def _fusable(x: torch.Tensor, conv: nn.Module) -> bool:
@@ -114,6 +125,11 @@ def kernels_win(k: int, h: int, w: int) -> bool:
 
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """`conv(x)` for a depthwise conv, on the C kernels where they cover the case (module docstring)."""
+    if kernels.low_precision_autocast():
+        if not (_covered(x, conv) and kernels.float32_depthwise(conv.stride[0], fused_norm=False)):
+            return conv(x)
+        with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
+            return depthwise_conv2d(x.float(), conv)
     if not _fusable(x, conv):
         return conv(x)
     return _DepthwiseConv.apply(x, conv.weight, conv.stride[0])

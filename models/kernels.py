@@ -24,7 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["choose", "STRATEGIES", "plain_conv_wanted", "enabled", "set_enabled", "plain"]
+__all__ = ["choose", "STRATEGIES", "plain_conv_wanted", "enabled", "set_enabled", "plain", "low_precision_autocast",
+           "float32_depthwise"]
 
 # Read on every eager pointwise call, so it is one module-level bool (a dict or lock would show
 # at batch 1, where a layer takes 3-100 us).
@@ -103,9 +104,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> str:
         # A 1x1 map (SE layers, pooled features) with a batch is a plain linear layer.
         return "linear" if n >= 8 and nchw else "conv"
     dtype = x.dtype
-    low = dtype in _LOW_PRECISION or (
-        dtype == torch.float32 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
-    )
+    low = dtype in _LOW_PRECISION or (dtype == torch.float32 and low_precision_autocast())
     if nchw:
         if not low:
             # float32: oneDNN's conv runs AVX-512 kernels, MKL's GEMM its AVX2 path on AMD (107 vs
@@ -127,6 +126,24 @@ def choose(x: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> str:
         # bfloat16 channels-last with few rows: F.linear takes 0.40-1.06x (median 0.75-0.80) of the conv's time.
         return "linear"
     return "conv"  # float32 channels-last, bf16 channels-last with many rows: no GEMM beat the conv
+
+
+def low_precision_autocast() -> bool:
+    """True under CPU autocast to bfloat16 or float16 (`train.py`'s default where the CPU computes bf16 natively)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
+
+
+def float32_depthwise(stride: int, fused_norm: bool) -> bool:
+    """Under CPU autocast to bf16 while training: whether a depthwise conv (with the norm + act before
+    it, when `fused_norm`) computes in float32 on the zoo's kernels, its input cast once, instead of
+    in bf16. oneDNN's bf16 depthwise conv is slow at stride 2, and bf16 norms and activations cost
+    a pass each where the float32 kernels fuse them. Whole training steps, this rule against all bf16
+    (`python -m benchmarks.train_speed --autocast-float32`, docs/train_speed.md; 2-core Xeon with
+    AMX, batch 128): mobilenet_v1 2.2x, mobilenet_v2 1.4x, mobilenet_v3_small 2.8x; xception_small,
+    whose stride-1 depthwise convs feed no norm, 1.0x. Every fused norm + depthwise conv, and the
+    other depthwise convs at stride 2, computed in float32, measured best; casting the remaining
+    stride-1 ones too cost xception_small 20% (0.80x)."""
+    return low_precision_autocast() and (fused_norm or stride == 2)
 
 
 def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:

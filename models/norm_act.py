@@ -4,9 +4,10 @@
 CPU, with `bn` an `nn.BatchNorm2d` and `act` one of ReLU, ReLU6, Hardswish or Identity, it runs
 `csrc/norm_act.c` instead: statistics, normalisation and activation in two passes over the map,
 the backward in two more, and only the norm's input kept for the backward (PyTorch's two layers
-make six passes and keep two maps; the C file's header counts them). Everything else -- eval
-mode, NCHW, bf16, other norms and activations, hooks on the layers, graph capture, no C compiler
--- takes the two plain layers, so results never depend on which path ran beyond float rounding.
+make six passes and keep two maps; the C file's header counts them). A float32 map under bf16
+autocast counts (nn.BatchNorm2d computes it in float32 too). Everything else -- eval mode, NCHW,
+bf16 maps, other norms and activations, hooks on the layers, graph capture, no C compiler -- takes
+the two plain layers, so results never depend on which path ran beyond float rounding.
 
 `batch_norm_add_act(x, bn, residual, act)` returns `act(bn(x) + residual)`, a residual block's end
 (ResNet basic and bottleneck blocks without SE; an inverted residual's linear projection and its
@@ -84,11 +85,13 @@ class _BatchNormAct(torch.autograd.Function):
         return dx, dgamma, dbeta, None, None
 
 
-def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> str | None:
-    """The kernel's activation name when `act(bn(x))` can run fused, else None."""
+def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module, cast: bool = False) -> str | None:
+    """The kernel's activation name when `act(bn(x))` can run fused, else None. `cast`: x will be
+    cast to float32 first (a bf16/fp16 map under autocast, models/norm_act_depthwise.py)."""
     if not bn.training or type(bn) is not nn.BatchNorm2d or type(act) not in FUSED_ACTIVATIONS:
         return None
-    if kernels.plain_conv_wanted(x) or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 4:
+    dtype_ok = x.dtype == torch.float32 or (cast and x.dtype in (torch.bfloat16, torch.float16))
+    if kernels.plain_conv_wanted(x) or not x.is_cpu or not dtype_ok or x.dim() != 4:
         return None  # switched off, a graph being captured, or a case the kernel does not cover
     if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
         return None
@@ -97,8 +100,8 @@ def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> str | None:
     n, _, h, w = x.shape
     if n * h * w < 2 or not x.is_contiguous(memory_format=torch.channels_last) or bn.weight.dtype != torch.float32:
         return None  # (one value per channel: nn.BatchNorm2d raises the error)
-    if torch.is_autocast_enabled("cpu"):
-        return None  # autocast may want the norm in another dtype: leave it the choice
+    # Under autocast a float32 map is normalised in float32 by nn.BatchNorm2d as well, so the kernel
+    # computes the same (such maps come from the float32 depthwise convs, models/depthwise.py).
     return FUSED_ACTIVATIONS[type(act)] if native.lib() is not None else None
 
 

@@ -7,7 +7,9 @@ tile at a time, by the forward and again by the backward) -- the C file's header
 passes saved. The batch statistics and running averages come from the fused norm kernel's own
 function, so the norm behaves exactly as `batch_norm_act` makes it behave. Every case the kernel
 does not cover, and maps where it was not measured faster (`kernel_wins`), run the two layers
-as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`.
+as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`. Under CPU autocast to bf16 the
+whole of it computes in float32, x cast once and autocast off around it, and returns float32: bf16
+norms, activations and strided depthwise convs are slower (`kernels.float32_depthwise`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import ctypes
 import torch
 import torch.nn as nn
 
-from . import native
+from . import kernels, native
 from .depthwise import _covered, depthwise_conv2d
 from .norm_act import _fusable as _norm_fusable
 from .norm_act import batch_norm_act
@@ -83,6 +85,12 @@ def kernel_wins(k: int, h: int, w: int) -> bool:
 
 def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:
     """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
+    if kernels.low_precision_autocast():
+        float32 = kernels.float32_depthwise(conv.stride[0], fused_norm=True)
+        if not float32 or _norm_fusable(x, bn, act, cast=True) is None or not _covered(x, conv):
+            return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
+        with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
+            return norm_act_depthwise(x.float(), bn, act, conv)
     name = _norm_fusable(x, bn, act)
     if name is None or not _covered(x, conv) or not kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3]):
         return depthwise_conv2d(batch_norm_act(x, bn, act), conv)

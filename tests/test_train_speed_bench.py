@@ -114,8 +114,18 @@ def test_every_twin_is_the_zoo_architecture_and_times():
     assert "| `mobilenet_v1` | zoo, plain kernels |" in ts.twins_table(rows)
 
 
+# float32 default settings: what train.py uses where the CPU has no native bf16, the case the float32 kernels'
+# tests below are about, whatever this machine is (under bf16 autocast see tests/test_autocast_float32.py)
+FLOAT32_DEFAULT = ts.Settings("default", None, True, True)
+
+
+@pytest.fixture
+def float32_default(monkeypatch):
+    monkeypatch.setattr(ts, "DEFAULT", FLOAT32_DEFAULT)
+
+
 @pytest.mark.skipif(not ts.models.norm_act.available(), reason="the fused batch-norm kernel cannot be built here")
-def test_the_fused_norm_keeps_less_for_the_backward():
+def test_the_fused_norm_keeps_less_for_the_backward(float32_default):
     # mobilenet_v2's ReLU6 layers keep the norm's input and the activation's input apart; fused,
     # only the norm's input stays (models/norm_act.py), about a third less activation memory
     torch.manual_seed(0)
@@ -173,7 +183,7 @@ def test_step_groups_tell_convolutions_apart_by_their_weight():
     assert ts.step_group("aten::add", []) == "other"
 
 
-def test_step_profile_splits_zoo_and_twin_steps_into_groups():
+def test_step_profile_splits_zoo_and_twin_steps_into_groups(float32_default):
     rows = ts.profile_steps(["mobilenet_v1"], batch=2, steps=1, warmup=1)
     groups = [r for r in rows if r["group"] != "step"]
     (step,) = [r for r in rows if r["group"] == "step"]
@@ -192,7 +202,7 @@ def test_step_profile_splits_zoo_and_twin_steps_into_groups():
 
 
 @pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
-def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch):
+def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch, float32_default):
     calls = []
     real = ts.models.norm_act._BatchNormAdd.apply
     monkeypatch.setattr(ts.models.norm_act._BatchNormAdd, "apply", lambda *a: calls.append(1) or real(*a))
@@ -204,3 +214,17 @@ def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch):
     rows = ts.residual_end_steps(["resnet20"], batch=2, rounds=1, warmup=0)
     assert len(calls) >= 9 and rows[0]["speedup"] > 0 and rows[0]["fused_img_s"] > 0  # 9 blocks, on in its rounds
     assert "| `resnet20` |" in ts.norm_act_dw_table(rows) and "norm kernel, then sum and ReLU" in ts.norm_act_dw_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_autocast_float32_steps_switch_the_float32_depthwise_rule(monkeypatch):
+    calls = []
+    real = ts.models.norm_act_depthwise._NormActDepthwise.apply
+    monkeypatch.setattr(ts.models.norm_act_depthwise._NormActDepthwise, "apply", lambda *a: calls.append(1) or real(*a))
+    bf16 = ts.Settings("bf16", torch.bfloat16, True, True)
+    with ts._autocast_float32(False):
+        ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.25), bf16, batch=2)()
+    assert calls == [] and ts.models.kernels.float32_depthwise.__name__ == "float32_depthwise"  # off, then restored
+    rows = ts.autocast_float32_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
+    assert len(calls) >= 16 and rows[0]["speedup"] > 0  # every expanded block, in the rounds with the rule on
+    assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(rows) and "all bf16" in ts.norm_act_dw_table(rows)

@@ -1,0 +1,180 @@
+"""Under CPU autocast to bf16 (train.py's default where the CPU computes bf16 natively), the depthwise
+convs that `models.kernels.float32_depthwise` picks -- each fused with the norm + act before it, and
+the other strided ones -- compute in float32 on the zoo's kernels: the same function as the float32
+layers, float32 out, gradients back to the bf16 input; the rest of the network stays bf16, and every
+case the rule or the kernels do not cover runs the layers as autocast runs them."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from models import depthwise, kernels, norm_act, norm_act_depthwise
+
+pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)")
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    previous = kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(previous)
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _dw(c, k, s, seed=0):
+    torch.manual_seed(seed)
+    return nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False).to(memory_format=CL)
+
+
+def _bn(c, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def _bf16_input(shape, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(shape).contiguous(memory_format=CL).bfloat16().requires_grad_()
+
+
+def test_the_rule():
+    assert not kernels.float32_depthwise(2, fused_norm=True)  # no autocast: nothing to decide
+    with bf16_autocast():
+        assert kernels.float32_depthwise(2, fused_norm=False) and kernels.float32_depthwise(1, fused_norm=True)
+        assert not kernels.float32_depthwise(1, fused_norm=False)  # (xception_small's unnormed stride-1 convs)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert kernels.float32_depthwise(2, fused_norm=False)
+
+
+def test_a_strided_depthwise_conv_computes_in_float32():
+    conv, x = _dw(32, 3, 2), _bf16_input((4, 32, 8, 8))
+    grad = torch.randn(4, 32, 4, 4)
+    with bf16_autocast():
+        y = depthwise.depthwise_conv2d(x, conv)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    y.backward(grad)
+    assert x.grad.dtype == torch.bfloat16
+    # what the float32 layer computes on the same (bf16-valued) input
+    ref_x = x.detach().float().requires_grad_()
+    ref_conv = _dw(32, 3, 2)
+    ref = ref_conv(ref_x)
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, ref_conv.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, ref_x.grad.bfloat16())
+
+
+def test_a_stride_1_depthwise_conv_stays_as_autocast_runs_it(monkeypatch):
+    monkeypatch.setattr(depthwise._DepthwiseConv, "apply", lambda *a: pytest.fail("the kernel ran"))
+    conv, x = _dw(32, 3, 1), _bf16_input((4, 32, 8, 8))
+    with bf16_autocast():
+        y = depthwise.depthwise_conv2d(x, conv)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, conv(x))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.Hardswish], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("k, s", [(3, 1), (3, 2), (5, 2)])
+def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s):
+    """Under autocast: the float32 kernel's own result on x cast to float32, bit for bit, running
+    statistics included; the input's gradient comes back in bf16."""
+    shape, grad_seed = (4, 32, 16, 16), 2
+    outs = []
+    for autocast in (True, False):
+        bn, conv, x = _bn(32), _dw(32, k, s), _bf16_input(shape)
+        x_in = x if autocast else x.detach().float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = norm_act_depthwise.norm_act_depthwise(x_in, bn, act(), conv)
+        torch.manual_seed(grad_seed)
+        z.backward(torch.randn_like(z))
+        outs.append((z, x_in.grad, conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    (z, dx, *rest), (z32, dx32, *rest32) = outs
+    assert z.dtype == torch.float32 and dx.dtype == torch.bfloat16
+    assert torch.equal(z, z32) and torch.equal(dx, dx32.bfloat16())
+    for a, b in zip(rest, rest32):
+        assert torch.equal(a, b)
+
+
+def test_norms_fuse_float32_maps_under_autocast_and_leave_bf16_maps(monkeypatch):
+    calls = []
+    real = norm_act._BatchNormAct.apply
+    monkeypatch.setattr(norm_act._BatchNormAct, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    bn, act = _bn(16), nn.ReLU()
+    x32 = torch.randn(4, 16, 6, 6).contiguous(memory_format=CL)
+    with bf16_autocast():
+        y32 = norm_act.batch_norm_act(x32, bn, act)
+        y16 = norm_act.batch_norm_act(x32.bfloat16(), bn, act)
+    assert calls == [torch.float32] and y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    twin = _bn(16)
+    torch.testing.assert_close(y32, act(twin(x32)), atol=1e-5, rtol=1e-5)
+
+
+def _training_step(name, mode: str):
+    """A forward + backward of `name` at init, batch 8: "rule" (bf16 autocast, the zoo's kernels on),
+    "plain" (bf16 autocast, kernels off) or "float32"; returns the model and its logits."""
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=10).to(memory_format=CL)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=CL)
+    with kernels.plain() if mode == "plain" else torch.enable_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32"):
+            logits = model(x).float()
+        nn.functional.cross_entropy(logits, torch.arange(8) % 10).backward()
+    return model, logits.detach()
+
+
+def _spy(monkeypatch):
+    calls = {"fused": 0, "depthwise": []}
+    fused, dw = norm_act_depthwise._NormActDepthwise.apply, depthwise._DepthwiseConv.apply
+    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply",
+                        lambda *a: calls.__setitem__("fused", calls["fused"] + 1) or fused(*a))
+    monkeypatch.setattr(depthwise._DepthwiseConv, "apply", lambda *a: calls["depthwise"].append(a[-1]) or dw(*a))
+    return calls
+
+
+# depthwise convs on the zoo's float32 kernels in one training step: every one after an expand (v2, v3) or
+# a pointwise conv (v1); in v2 and v3_large not the first block's (no expand, stride 1: bf16), in
+# v3_small not the first block's either (no expand, stride 2: float32, but oneDNN's 3x3 conv).
+ON_KERNELS = {"mobilenet_v2": (16, 17), "mobilenet_v1": (13, 13), "mobilenet_v3_small": (10, 11)}
+
+
+@pytest.mark.parametrize("name", list(ON_KERNELS))
+def test_mobilenets_train_their_depthwise_convs_in_float32(name, monkeypatch):
+    calls = _spy(monkeypatch)
+    model, logits = _training_step(name, "rule")
+    fused_calls, depthwise_calls = calls["fused"], len(calls["depthwise"])
+    _, plain = _training_step(name, "plain")
+    assert calls["fused"] == fused_calls  # the plain switch ran no kernel
+    _, exact = _training_step(name, "float32")
+    depthwise_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    # fused with the norm + act before them, or (mobilenet_v3_small's 5x5 convs on small maps, where the one
+    # kernel was not measured faster) after the norm's kernel on the depthwise kernels, all in float32
+    assert (fused_calls + depthwise_calls, len(depthwise_convs)) == ON_KERNELS[name] and fused_calls > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # the same function: no further from float32 than all-bf16 is (mobilenet_v1 at init amplifies bf16
+    # rounding to about a quarter of its logits' size, either way)
+    assert (logits - exact).abs().max() <= 1.5 * (plain - exact).abs().max() + 1e-3
+
+
+def test_xception_keeps_its_stride_1_unnormed_depthwise_convs_in_bf16(monkeypatch):
+    calls = _spy(monkeypatch)
+    torch.manual_seed(0)
+    model = models.create_model("xception_small", num_classes=10).to(memory_format=CL)
+    with bf16_autocast():
+        model(torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)).float().sum().backward()
+    assert calls["depthwise"] == []  # every depthwise conv is stride 1; those after a block's ReLU layer stay bf16
+    assert calls["fused"] > 0  # those after a unit's norm + ReLU compute in float32, fused with it
+
+
+def test_eval_under_autocast_runs_no_kernel(monkeypatch):
+    calls = _spy(monkeypatch)
+    model = models.create_model("mobilenet_v2", num_classes=10).eval().to(memory_format=CL)
+    with torch.no_grad(), bf16_autocast():
+        y = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=CL))
+    assert calls["fused"] == 0 and calls["depthwise"] == [] and y.dtype == torch.bfloat16
