@@ -139,10 +139,9 @@ def float32_depthwise(stride: int, fused_norm: bool) -> bool:
     in bf16. oneDNN's bf16 depthwise conv is slow at stride 2, and bf16 norms and activations cost
     a pass each where the float32 kernels fuse them. Whole training steps, this rule against all bf16
     (`python -m benchmarks.train_speed --autocast-float32`, docs/train_speed.md; 2-core Xeon with
-    AMX, batch 128): mobilenet_v1 2.2x, mobilenet_v2 1.4x, mobilenet_v3_small 2.8x; xception_small,
-    whose stride-1 depthwise convs feed no norm, 1.0x. Every fused norm + depthwise conv, and the
-    other depthwise convs at stride 2, computed in float32, measured best; casting the remaining
-    stride-1 ones too cost xception_small 20% (0.80x)."""
+    AMX, batch 128): mobilenet_v1 2.08x, mobilenet_v2 1.40x, mobilenet_v3_small 2.67x,
+    mobilenet_v3_large 2.28x; xception_small 0.97x, whose depthwise convs are all stride 1 and feed
+    no norm: there the casts buy nothing, so its convs after a plain ReLU layer stay bf16."""
     return low_precision_autocast() and (fused_norm or stride == 2)
 
 
