@@ -27,6 +27,7 @@ import torch
 __all__ = ["lib", "ptr", "SOURCES"]
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
+HEADERS = sorted((Path(__file__).with_name("csrc")).glob("*.h"))  # included by the sources: part of the build's hash
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 _lib: ctypes.CDLL | None = None
@@ -45,7 +46,7 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES]
+    parts = [p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES + HEADERS]
     key = hashlib.sha256(b"\0".join([*parts, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
     cache = Path(os.environ.get("POINTWISE_ZOO_CACHE") or Path.home() / ".cache" / "pointwise-zoo")
     target = cache / f"kernels-{key.hexdigest()[:16]}.so"

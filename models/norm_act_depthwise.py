@@ -8,8 +8,10 @@ passes saved. The batch statistics and running averages come from the fused norm
 function, so the norm behaves exactly as `batch_norm_act` makes it behave. Every case the kernel
 does not cover, and maps where it was not measured faster (`kernel_wins`), run the two layers
 as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`. Under CPU autocast to bf16 the
-whole of it computes in float32, x cast once and autocast off around it, and returns float32: bf16
-norms, activations and strided depthwise convs are slower (`kernels.float32_depthwise`).
+whole of it computes in float32 with autocast off around it, and returns float32: bf16 norms,
+activations and strided depthwise convs are slower (`kernels.float32_depthwise`). The one kernel
+reads a bf16 x as it is (its `_bf16` C functions) and writes x's gradient in bf16; where the two
+layers run instead, x is cast to float32 first.
 """
 
 from __future__ import annotations
@@ -31,30 +33,32 @@ _ptr = native.ptr
 
 
 class _NormActDepthwise(torch.autograd.Function):
-    """dwconv(act(batch_norm(x))) in training mode; x float32 channels-last, CPU. Updates the running stats."""
+    """dwconv(act(batch_norm(x))) in training mode; x float32 or bf16 channels-last, CPU (a bf16 x is
+    read as it is and its gradient written in bf16; the output is float32). Updates the running stats."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bn: nn.BatchNorm2d, act: str, stride: int):
         n, c, h, w = x.shape
+        bf16 = "_bf16" if x.dtype == torch.bfloat16 else ""  # the C functions that read a bf16 map
         k = weight.shape[-1]
         p = k // 2
         oh, ow = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
         threads = ctypes.c_int(torch.get_num_threads())
         gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
         mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
-        native.lib().norm_act_stats(
+        getattr(native.lib(), f"norm_act_stats{bf16}")(
             _ptr(x), _I(n * h * w), _I(c), _ptr(gamma), ctypes.c_double(bn.eps), ctypes.c_double(bn.momentum),
             _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd), _ptr(a), threads,
         )  # fmt: skip
         bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
         taps = weight.detach().reshape(c, k * k).t().contiguous()  # [k*k][C], as depthwise.c takes them
         z = torch.empty((n, c, oh, ow), memory_format=torch.channels_last)
-        getattr(native.lib(), f"norm_act_dw_forward_{act}")(
+        getattr(native.lib(), f"norm_act_dw_forward_{act}{bf16}")(
             _ptr(x), _ptr(mean), _ptr(a), _ptr(beta), _ptr(taps), _ptr(z), _I(n), _I(h), _I(w), _I(c), _I(oh), _I(ow),
             ctypes.c_int(k), ctypes.c_int(stride), threads,
         )  # fmt: skip
         ctx.save_for_backward(x, gamma, beta, mean, invstd, a, taps)
-        ctx.act, ctx.stride, ctx.weight_shape = act, stride, weight.shape
+        ctx.act, ctx.stride, ctx.weight_shape = act + bf16, stride, weight.shape
         return z
 
     @staticmethod
@@ -87,9 +91,13 @@ def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.
     """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
     if kernels.low_precision_autocast():
         float32 = kernels.float32_depthwise(conv.stride[0], fused_norm=True)
-        if not float32 or _norm_fusable(x, bn, act, cast=True) is None or not _covered(x, conv):
+        name = _norm_fusable(x, bn, act, cast=True) if float32 else None
+        if name is None or not _covered(x, conv):
             return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
+            if x.dtype == torch.bfloat16 and kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3]):
+                # the kernel reads the bf16 map as it is and writes its gradient in bf16: no cast pass either way
+                return _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, name, conv.stride[0])
             return norm_act_depthwise(x.float(), bn, act, conv)
     name = _norm_fusable(x, bn, act)
     if name is None or not _covered(x, conv) or not kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3]):

@@ -82,11 +82,14 @@ def test_a_stride_1_depthwise_conv_stays_as_autocast_runs_it(monkeypatch):
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.Hardswish], ids=lambda a: a.__name__)
 @pytest.mark.parametrize("k, s", [(3, 1), (3, 2), (5, 2)])
-def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s):
+def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s, monkeypatch):
     """Under autocast: the float32 kernel's own result on x cast to float32, bit for bit, running
-    statistics included; the input's gradient comes back in bf16."""
+    statistics included, though the kernel reads the bf16 map as it is; the input's gradient comes
+    back in bf16, rounded as PyTorch rounds the float32 one."""
     shape, grad_seed = (4, 32, 16, 16), 2
-    outs = []
+    outs, read = [], []
+    real = norm_act_depthwise._NormActDepthwise.apply
+    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply", lambda x, *a: read.append(x.dtype) or real(x, *a))
     for autocast in (True, False):
         bn, conv, x = _bn(32), _dw(32, k, s), _bf16_input(shape)
         x_in = x if autocast else x.detach().float().requires_grad_()
@@ -96,6 +99,7 @@ def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s):
         z.backward(torch.randn_like(z))
         outs.append((z, x_in.grad, conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
     (z, dx, *rest), (z32, dx32, *rest32) = outs
+    assert read == [torch.bfloat16, torch.float32]  # under autocast the kernel reads the bf16 map itself
     assert z.dtype == torch.float32 and dx.dtype == torch.bfloat16
     assert torch.equal(z, z32) and torch.equal(dx, dx32.bfloat16())
     for a, b in zip(rest, rest32):
@@ -178,3 +182,17 @@ def test_eval_under_autocast_runs_no_kernel(monkeypatch):
     with torch.no_grad(), bf16_autocast():
         y = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=CL))
     assert calls["fused"] == 0 and calls["depthwise"] == [] and y.dtype == torch.bfloat16
+
+
+def test_a_nan_in_the_bf16_map_spreads_as_through_pytorchs_layers():
+    """A diverged run must show NaN: it fills its channel (the batch statistics), forward and backward,
+    and no other (the float_to_bf16 rounding keeps NaN a NaN)."""
+    bn, conv = _bn(16), _dw(16, 3, 1)
+    x = _bf16_input((2, 16, 5, 5))
+    with torch.no_grad():
+        x[0, 0, 0, 0] = float("nan")
+    with bf16_autocast():
+        z = norm_act_depthwise.norm_act_depthwise(x, bn, nn.ReLU6(), conv)
+    assert torch.isnan(z[0, 0]).any() and not torch.isnan(z[0, 1:]).any()  # the NaN's channel, as PyTorch's layers give
+    z.backward(torch.ones_like(z))
+    assert torch.isnan(x.grad[:, 0]).all() and not torch.isnan(x.grad[:, 1:]).any()

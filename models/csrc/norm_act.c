@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define BLOCK 64 /* rows summed in float before adding to the double totals */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
@@ -52,24 +54,31 @@
 
 /* Batch statistics, the scale they give (y = (x - mean) * a + beta), and the running averages as
  * nn.BatchNorm2d keeps them (the running variance unbiased). Sums are of x minus its first row,
- * which keeps them small when a channel's mean is large against its spread. */
-void norm_act_stats(const float *restrict x, int64_t M, int64_t C, const float *restrict gamma,
-                    double eps, double momentum, float *running_mean,
-                    float *running_var, float *mean, float *invstd, float *a, int nthreads) {
-    double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));
-    CHANNEL_SUMS(x[i] - x[c], (x[i] - x[c]) * (x[i] - x[c]))
-    for (int64_t c = 0; c < C; c++) {
-        double m1 = s1[c] / M, var = s2[c] / M - m1 * m1;
-        var = var < 0 ? 0 : var; /* written so that a NaN stays NaN, as in PyTorch */
-        double mu = x[c] + m1, is = 1.0 / sqrt(var + eps);
-        running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mu);
-        running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var * M / (M > 1 ? M - 1 : 1));
-        mean[c] = (float)mu;
-        invstd[c] = (float)is;
-        a[c] = (float)(gamma[c] * is);
+ * which keeps them small when a channel's mean is large against its spread. XT is x's element type
+ * and X(i) its i-th value as a float: norm_act_stats reads a float map, norm_act_stats_bf16 a bf16
+ * one (models/norm_act_depthwise.py, under autocast). */
+#define NORM_ACT_STATS(NAME, XT, X)                                                                \
+    void NAME(const XT *restrict x, int64_t M, int64_t C, const float *restrict gamma, double eps,  \
+              double momentum, float *running_mean, float *running_var, float *mean, float *invstd, \
+              float *a, int nthreads) {                                                            \
+        double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));                 \
+        CHANNEL_SUMS(X(i) - X(c), (X(i) - X(c)) * (X(i) - X(c)))                                   \
+        for (int64_t c = 0; c < C; c++) {                                                          \
+            double m1 = s1[c] / M, var = s2[c] / M - m1 * m1;                                      \
+            var = var < 0 ? 0 : var; /* written so that a NaN stays NaN, as in PyTorch */          \
+            double mu = X(c) + m1, is = 1.0 / sqrt(var + eps);                                     \
+            running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mu);           \
+            running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var * M / (M > 1 ? M - 1 : 1)); \
+            mean[c] = (float)mu;                                                                   \
+            invstd[c] = (float)is;                                                                 \
+            a[c] = (float)(gamma[c] * is);                                                         \
+        }                                                                                          \
+        free(s1); free(s2);                                                                        \
     }
-    free(s1); free(s2);
-}
+#define FLOAT_AT(i) x[i]
+#define BF16_AT(i) bf16_to_float(x[i])
+NORM_ACT_STATS(norm_act_stats, float, FLOAT_AT)
+NORM_ACT_STATS(norm_act_stats_bf16, uint16_t, BF16_AT)
 
 /* The norm's gradients from the two per-channel totals of its output gradient dy (activation
  * derivative applied): s1 = sum dy, s2 = sum dy * (x - mean). dbeta = s1, dgamma = s2 * invstd, and

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 typedef float v16 __attribute__((vector_size(64)));
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
@@ -149,21 +151,30 @@ static inline __attribute__((always_inline)) void weight_tile(
     if (k == K) conv_tile(dztile + h * Wp * C, wflip, dyrow, Wp, C, 1, W, K, 1); else
 
 /* act(bn(x)) of image n into the tile's interior: y = (x - mean) * a + beta as norm_act.c computes
- * it, so both paths round alike. */
-#define FILL_TILE(ACT)                                                                             \
+ * it, so both paths round alike. XT: x's element type, LX(v): an element as a float. */
+#define FILL_TILE(ACT, XT, LX)                                                                         \
     for (int64_t h = 0; h < H; h++)                                                                \
         for (int64_t ww = 0; ww < W; ww++) {                                                       \
-            const float *xp = xn + (h * W + ww) * C;                                               \
+            const XT *xp = xn + (h * W + ww) * C;                                                  \
             float *tp = tile + ((h + p) * Wp + ww + p) * C;                                        \
             _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                                  \
-                float y = (xp[c] - mean[c]) * a[c] + beta[c];                                      \
+                float y = (LX(xp[c]) - mean[c]) * a[c] + beta[c];                                  \
                 tp[c] = ACT;                                                                       \
             }                                                                                      \
         }
 
-/* ACT(y) and its derivative GRAD(y), as in norm_act.c (a NaN goes through ACT as through PyTorch's). */
+/* ACT(y) and its derivative GRAD(y), as in norm_act.c (a NaN goes through ACT as through PyTorch's).
+ * XT is the element type of x and dx, LX reads one as a float and SX rounds a float to one: the
+ * float kernels, and the _bf16 ones that read a bf16 map and write its gradient in bf16 (under CPU
+ * autocast the expanded map comes from a bf16 1x1 conv; reading it as it is saves a cast pass each
+ * way). The bf16 backward forms g in a float buffer of its own; the float one in dx itself. */
 #define KERNELS(NAME, ACT, GRAD)                                                                   \
-    void norm_act_dw_forward_##NAME(const float *restrict x, const float *restrict mean,           \
+    KERNELS_T(NAME, float, ACT, GRAD, AS_FLOAT, AS_FLOAT, (float *)dx, (void)0)                    \
+    KERNELS_T(NAME##_bf16, uint16_t, ACT, GRAD, bf16_to_float, float_to_bf16,                      \
+              (float *)aligned_alloc(64, ((M * C * sizeof(float) + 63) / 64) * 64), free(g))
+#define AS_FLOAT(v) (v)
+#define KERNELS_T(NAME, XT, ACT, GRAD, LX, SX, G_ALLOC, G_FREE)                                    \
+    void norm_act_dw_forward_##NAME(const XT *restrict x, const float *restrict mean,              \
                                     const float *restrict a, const float *restrict beta,           \
                                     const float *restrict w, float *restrict z, int64_t N,         \
                                     int64_t H, int64_t W, int64_t C, int64_t OH, int64_t OW, int k, \
@@ -174,9 +185,9 @@ static inline __attribute__((always_inline)) void weight_tile(
             float *tile = aligned_alloc(64, (H + 2 * p) * Wp * C * sizeof(float));                 \
             zero_border(tile, H, W, C, p);                                                         \
             _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++) {                  \
-                const float *xn = x + n * H * W * C;                                               \
+                const XT *xn = x + n * H * W * C;                                                  \
                 float *zn = z + n * OH * OW * C;                                                   \
-                FILL_TILE(ACT)                                                                     \
+                FILL_TILE(ACT, XT, LX)                                                             \
                 CONV_CASE(3, 1) CONV_CASE(3, 2) CONV_CASE(5, 1) CONV_CASE(5, 2)                    \
                 conv_tile(tile, w, zn, Wp, C, OH, OW, k, s);                                       \
             }                                                                                      \
@@ -186,15 +197,16 @@ static inline __attribute__((always_inline)) void weight_tile(
                                                                                                    \
     /* dx (the norm's input gradient), dw[k*k][C], dgamma, dbeta from dz; invstd and gamma as the  \
      * norm had them. */                                                                           \
-    void norm_act_dw_backward_##NAME(const float *restrict x, const float *restrict mean,          \
+    void norm_act_dw_backward_##NAME(const XT *restrict x, const float *restrict mean,             \
                                      const float *restrict a, const float *restrict beta,          \
                                      const float *restrict invstd, const float *restrict gamma,    \
                                      const float *restrict w, const float *restrict dz,            \
-                                     float *restrict dx, float *restrict dw, float *restrict dgamma, \
+                                     XT *restrict dx, float *restrict dw, float *restrict dgamma,  \
                                      float *restrict dbeta, int64_t N, int64_t H, int64_t W,       \
                                      int64_t C, int64_t OH, int64_t OW, int k, int s, int nthreads) { \
         int p = k / 2;                                                                             \
         int64_t Wp = W + 2 * p, KK = (int64_t)k * k, M = N * H * W;                                \
+        float *g = G_ALLOC; /* the activation's output gradient, dy * act'(y) */                   \
         double *tw = calloc(KK * C, sizeof(double)), *s1 = calloc(C, sizeof(double)),             \
                *s2 = calloc(C, sizeof(double));                                                    \
         float *wflip = malloc(KK * C * sizeof(float)); /* the taps turned 180 degrees */          \
@@ -211,9 +223,10 @@ static inline __attribute__((always_inline)) void weight_tile(
             zero_border(tile, H, W, C, p);                                                         \
             if (s == 1) zero_border(dztile, H, W, C, p);                                           \
             _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++) {                  \
-                const float *xn = x + n * H * W * C, *dzn = dz + n * OH * OW * C;                  \
-                float *gn = dx + n * H * W * C;                                                    \
-                FILL_TILE(ACT)                                                                     \
+                const XT *xn = x + n * H * W * C;                                                  \
+                const float *dzn = dz + n * OH * OW * C;                                           \
+                float *gn = g + n * H * W * C;                                                     \
+                FILL_TILE(ACT, XT, LX)                                                             \
                 if (s == 1) { /* gather: dz into a bordered tile, read by the flipped forward */   \
                     for (int64_t h = 0; h < H; h++)                                                \
                         memcpy(dztile + ((h + p) * Wp + p) * C, dzn + h * W * C, W * C * sizeof(float)); \
@@ -233,11 +246,11 @@ static inline __attribute__((always_inline)) void weight_tile(
                     if (s == 1) { DY_ROW_CASE(3) DY_ROW_CASE(5)                                    \
                                   conv_tile(dztile + h * Wp * C, wflip, dyrow, Wp, C, 1, W, k, 1); } \
                     for (int64_t ww = 0; ww < W; ww++) {                                           \
-                        const float *xp = xn + (h * W + ww) * C;                                   \
+                        const XT *xp = xn + (h * W + ww) * C;                                      \
                         const float *dp = s == 1 ? dyrow + ww * C : dtile + ((h + p) * Wp + ww + p) * C; \
                         float *gp = gn + (h * W + ww) * C;                                         \
                         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                      \
-                            float d = xp[c] - mean[c];                                             \
+                            float d = LX(xp[c]) - mean[c];                                         \
                             float y = d * a[c] + beta[c];                                          \
                             float g = dp[c] * (GRAD);                                              \
                             gp[c] = g;                                                             \
@@ -255,17 +268,18 @@ static inline __attribute__((always_inline)) void weight_tile(
             free(tile); free(dtile); free(dyrow); free(wacc); free(f1); free(f2); free(mw); free(m1); free(m2); \
         }                                                                                          \
         for (int64_t q = 0; q < KK * C; q++) dw[q] = (float)tw[q];                                 \
-        /* dx = gamma * invstd * (g - sum g / M - xhat * sum(g * xhat) / M), in place over g */    \
+        /* dx = gamma * invstd * (g - sum g / M - xhat * sum(g * xhat) / M) (float: in place over g) */ \
         float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float)),                   \
               *scale = malloc(C * sizeof(float));                                                  \
         norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);        \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < M; r++) { \
             _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                                  \
                 int64_t i = r * C + c;                                                             \
-                dx[i] = (dx[i] - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c];                     \
+                dx[i] = SX((g[i] - k1[c]) * scale[c] - (LX(x[i]) - mean[c]) * k2[c]);               \
             }                                                                                      \
         }                                                                                          \
         free(tw); free(s1); free(s2); free(k1); free(k2); free(scale); free(wflip);                \
+        G_FREE;                                                                                    \
     }
 
 KERNELS(identity, y, ((void)y, 1.f))
