@@ -139,9 +139,9 @@ def float32_depthwise(stride: int, fused_norm: bool) -> bool:
     in bf16. oneDNN's bf16 depthwise conv is slow at stride 2, and bf16 norms and activations cost
     a pass each where the float32 kernels fuse them. Whole training steps, this rule against all bf16
     (`python -m benchmarks.train_speed --autocast-float32`, docs/train_speed.md; 2-core Xeon with
-    AMX, batch 128): mobilenet_v1 2.08x, mobilenet_v2 1.40x, mobilenet_v3_small 2.67x,
-    mobilenet_v3_large 2.28x; xception_small 0.97x, whose depthwise convs are all stride 1 and feed
-    no norm: there the casts buy nothing, so its convs after a plain ReLU layer stay bf16."""
+    AMX, batch 128): mobilenet_v1 2.47x, mobilenet_v2 1.58x, mobilenet_v3_small 2.86x,
+    mobilenet_v3_large 2.50x; xception_small 1.03x, whose depthwise convs are all stride 1 and feed
+    no norm: there float32 buys nothing, so its convs after a plain ReLU layer stay bf16."""
     return low_precision_autocast() and (fused_norm or stride == 2)
 
 
