@@ -90,9 +90,11 @@ def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module, cast: bool = False)
     cast to float32 first (a bf16/fp16 map under autocast, models/norm_act_depthwise.py)."""
     if not bn.training or type(bn) is not nn.BatchNorm2d or type(act) not in FUSED_ACTIVATIONS:
         return None
+    if kernels.plain_conv_wanted(x):
+        return None  # switched off, or a graph being captured (x may be a tracer's proxy: checked first)
     dtype_ok = x.dtype == torch.float32 or (cast and x.dtype in (torch.bfloat16, torch.float16))
-    if kernels.plain_conv_wanted(x) or not x.is_cpu or not dtype_ok or x.dim() != 4:
-        return None  # switched off, a graph being captured, or a case the kernel does not cover
+    if not x.is_cpu or not dtype_ok or x.dim() != 4:
+        return None  # a case the kernel does not cover
     if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
         return None
     if bn._forward_hooks or bn._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks:
