@@ -57,6 +57,10 @@ param groups), the depthwise convs `models.kernels.float32_depthwise` picks (wit
 fused before them, and the other strided ones) computed in float32 on the zoo's kernels, against
 the whole network in bf16, interleaved.
 
+Part 10 (`--norm-bf16 [MODEL ...]`): whole training steps under bf16 autocast, every norm (+ act, +
+residual sum) that reads a bf16 map on the zoo's norm kernels (`models/norm_act.py`, its `_bf16` C
+functions) against PyTorch's bf16 layers, interleaved.
+
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
 torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
@@ -650,11 +654,37 @@ def autocast_float32_steps(names: list[str], batch: int, rounds: int, warmup: in
     return switched_steps(names, batch, rounds, _autocast_float32, "autocast_float32_step", warmup, log, bf16)
 
 
+@contextlib.contextmanager
+def _norm_bf16(on: bool):
+    import models.norm_act as na
+
+    fusable = na._fusable
+    # off: a bf16 map takes PyTorch's layers, as before the kernels read bf16 (a cast map still fuses)
+    na._fusable = fusable if on else (lambda x, bn, act, cast=False: None if x.dtype == torch.bfloat16 and not cast
+                                      else fusable(x, bn, act, cast))
+    try:
+        yield
+    finally:
+        na._fusable = fusable
+
+
+NORM_BF16_MODELS = ("resnet20", "resnet56", "se_resnet20", "resnet38_bottleneck", "mobilenet_v1", "mobilenet_v2",
+                    "mobilenet_v3_small", "xception_small")
+
+
+def norm_bf16_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 10: whole steps under bf16 autocast, the norms of bf16 maps on the zoo's kernels against
+    PyTorch's bf16 norm, activation and sum layers."""
+    bf16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)
+    return switched_steps(names, batch, rounds, _norm_bf16, "norm_bf16_step", warmup, log, bf16)
+
+
 # whole-step tables of switched_steps: their two columns' names
 STEP_TABLES = {
     "norm_act_depthwise_step": ("two layers everywhere (img/s)", "one kernel where it wins (img/s)"),
     "residual_end_step": ("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)"),
     "autocast_float32_step": ("all bf16 (img/s)", "depthwise in float32 where the rule says (img/s)"),
+    "norm_bf16_step": ("PyTorch's bf16 norms (img/s)", "the zoo's norm kernels read bf16 (img/s)"),
 }
 
 
@@ -874,6 +904,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autocast-float32", nargs="*", default=None, metavar="MODEL",
                    help=f"part 9: whole steps under bf16 autocast, depthwise convs in float32 where models.kernels."
                         f"float32_depthwise says against all bf16 (default: {' '.join(DEPTHWISE_MODELS)})")
+    p.add_argument("--norm-bf16", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 10: whole steps under bf16 autocast, the norms of bf16 maps on the zoo's kernels against "
+                        f"PyTorch's bf16 layers (default: {' '.join(NORM_BF16_MODELS)})")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -958,21 +991,23 @@ def main(argv=None) -> int:
         print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
         print(norm_act_dw_table(steps) + "\n")
         csv_rows += rows + steps
-    if args.residual_end is not None:
-        rows = residual_end_steps(args.residual_end or list(RESIDUAL_MODELS), args.all_batch, args.all_rounds, args.warmup, log=log)
-        print(f"## Residual blocks' end: norm, sum and ReLU (ResNets) or none (inverted residuals) in one kernel "
-              f"(models/norm_act.py) against the norm's kernel then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()}), batch {args.all_batch}, "
-              f"median of {args.all_rounds} interleaved rounds\n")
-        print(norm_act_dw_table(rows) + "\n")
-        csv_rows += rows
-    if args.autocast_float32 is not None:
-        rows = autocast_float32_steps(args.autocast_float32 or list(DEPTHWISE_MODELS), args.all_batch, args.all_rounds,
-                                      args.warmup, log=log)
-        print(f"## Under bf16 autocast: depthwise convs in float32 where models.kernels.float32_depthwise says, against "
-              f"the whole network in bf16; whole training steps (bf16 autocast, channels-last, param groups), batch "
-              f"{args.all_batch}, median of {args.all_rounds} interleaved rounds\n")
-        print(norm_act_dw_table(rows) + "\n")
-        csv_rows += rows
+    # parts 8-10: whole steps with one kernel choice off and on (switched_steps)
+    for chosen, steps, default, title in (
+        (args.residual_end, residual_end_steps, RESIDUAL_MODELS,
+         "## Residual blocks' end: norm, sum and ReLU (ResNets) or none (inverted residuals) in one kernel "
+         f"(models/norm_act.py) against the norm's kernel then PyTorch's sum and ReLU; whole training steps ({DEFAULT.describe()})"),
+        (args.autocast_float32, autocast_float32_steps, DEPTHWISE_MODELS,
+         "## Under bf16 autocast: depthwise convs in float32 where models.kernels.float32_depthwise says, against "
+         "the whole network in bf16; whole training steps (bf16 autocast, channels-last, param groups)"),
+        (args.norm_bf16, norm_bf16_steps, NORM_BF16_MODELS,
+         "## Under bf16 autocast: norms (+ activation, + residual sum) of bf16 maps on the zoo's kernels, reading "
+         "and writing bf16, against PyTorch's bf16 layers; whole training steps (bf16 autocast, channels-last, param groups)"),
+    ):
+        if chosen is not None:
+            rows = steps(chosen or list(default), args.all_batch, args.all_rounds, args.warmup, log=log)
+            print(f"{title}, batch {args.all_batch}, median of {args.all_rounds} interleaved rounds\n")
+            print(norm_act_dw_table(rows) + "\n")
+            csv_rows += rows
     if args.profile is not None:
         rows = profile_steps(args.profile or list(DEPTHWISE_MODELS), args.all_batch, steps=args.all_rounds, warmup=args.warmup)
         print(f"## Where a training step goes, zoo against twin ({DEFAULT.describe()}), batch {args.all_batch}: "

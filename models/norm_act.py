@@ -4,10 +4,13 @@
 CPU, with `bn` an `nn.BatchNorm2d` and `act` one of ReLU, ReLU6, Hardswish or Identity, it runs
 `csrc/norm_act.c` instead: statistics, normalisation and activation in two passes over the map,
 the backward in two more, and only the norm's input kept for the backward (PyTorch's two layers
-make six passes and keep two maps; the C file's header counts them). A float32 map under bf16
-autocast counts (nn.BatchNorm2d computes it in float32 too). Everything else -- eval mode, NCHW,
-bf16 maps, other norms and activations, hooks on the layers, graph capture, no C compiler -- takes
-the two plain layers, so results never depend on which path ran beyond float rounding.
+make six passes and keep two maps; the C file's header counts them). A bf16 map (a conv's output
+under CPU autocast) runs the kernel's `_bf16` functions: read and written in bf16, as PyTorch's
+layers would, computed in float32 (nn.BatchNorm2d's statistics are float32 there too). A float32
+map under bf16 autocast stays float32 (nn.BatchNorm2d computes it in float32). Everything else --
+eval mode, NCHW, float16 maps, other norms and activations, hooks on the layers, graph capture, no
+C compiler -- takes the two plain layers, so results never depend on which path ran beyond float
+rounding.
 
 `batch_norm_add_act(x, bn, residual, act)` returns `act(bn(x) + residual)`, a residual block's end
 (ResNet basic and bottleneck blocks without SE; an inverted residual's linear projection and its
@@ -46,7 +49,7 @@ def _batch_stats(x, weight, bias, bn: nn.BatchNorm2d):
     c = x.shape[1]
     gamma, beta = weight.detach().contiguous(), bias.detach().contiguous()
     mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
-    native.lib().norm_act_stats(
+    getattr(native.lib(), f"norm_act_stats{_suffix(x)}")(
         _ptr(x), ctypes.c_int64(x.numel() // c), ctypes.c_int64(c), _ptr(gamma), ctypes.c_double(bn.eps),
         ctypes.c_double(bn.momentum), _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd),
         _ptr(a), ctypes.c_int(torch.get_num_threads()),
@@ -55,14 +58,21 @@ def _batch_stats(x, weight, bias, bn: nn.BatchNorm2d):
     return gamma, beta, mean, invstd, a
 
 
+def _suffix(x: torch.Tensor) -> str:
+    """The C functions for x's element type: float32, or bf16 (`_bf16`)."""
+    return "_bf16" if x.dtype == torch.bfloat16 else ""
+
+
 class _BatchNormAct(torch.autograd.Function):
-    """act(batch_norm(x)) in training mode; x float32 channels-last, CPU. Updates the running stats."""
+    """act(batch_norm(x)) in training mode; x float32 or bf16 channels-last, CPU (the output and both
+    gradients of x's type). Updates the running stats."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn: nn.BatchNorm2d, act: str):
         n, c, h, w = x.shape
         gamma, beta, mean, invstd, a = _batch_stats(x, weight, bias, bn)
         z = torch.empty_like(x)  # channels-last, as x
+        act += _suffix(x)
         getattr(native.lib(), f"norm_act_forward_{act}")(
             _ptr(x), _ptr(z), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(mean), _ptr(a), _ptr(beta),
             ctypes.c_int(torch.get_num_threads()),
@@ -86,13 +96,13 @@ class _BatchNormAct(torch.autograd.Function):
 
 
 def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module, cast: bool = False) -> str | None:
-    """The kernel's activation name when `act(bn(x))` can run fused, else None. `cast`: x will be
-    cast to float32 first (a bf16/fp16 map under autocast, models/norm_act_depthwise.py)."""
+    """The kernel's activation name when `act(bn(x))` can run fused, else None: x float32 or bf16.
+    `cast`: x will be cast to float32 first, so a float16 map counts too (models/norm_act_depthwise.py)."""
     if not bn.training or type(bn) is not nn.BatchNorm2d or type(act) not in FUSED_ACTIVATIONS:
         return None
     if kernels.plain_conv_wanted(x):
         return None  # switched off, or a graph being captured (x may be a tracer's proxy: checked first)
-    dtype_ok = x.dtype == torch.float32 or (cast and x.dtype in (torch.bfloat16, torch.float16))
+    dtype_ok = x.dtype in (torch.float32, torch.bfloat16) or (cast and x.dtype == torch.float16)
     if not x.is_cpu or not dtype_ok or x.dim() != 4:
         return None  # a case the kernel does not cover
     if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
@@ -103,7 +113,8 @@ def _fusable(x: torch.Tensor, bn: nn.Module, act: nn.Module, cast: bool = False)
     if n * h * w < 2 or not x.is_contiguous(memory_format=torch.channels_last) or bn.weight.dtype != torch.float32:
         return None  # (one value per channel: nn.BatchNorm2d raises the error)
     # Under autocast a float32 map is normalised in float32 by nn.BatchNorm2d as well, so the kernel
-    # computes the same (such maps come from the float32 depthwise convs, models/depthwise.py).
+    # computes the same (such maps come from the float32 depthwise convs, models/depthwise.py); a
+    # bf16 map's statistics are float32 in both, and both write bf16.
     return FUSED_ACTIVATIONS[type(act)] if native.lib() is not None else None
 
 
@@ -117,7 +128,7 @@ def batch_norm_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> torch.Tens
 
 class _BatchNormAdd(torch.autograd.Function):
     """act(batch_norm(x) + residual) in training mode, act ReLU or Identity; x and residual float32
-    channels-last, CPU. With the ReLU it keeps x and the output (which the next layer keeps anyway),
+    (or both bf16) channels-last, CPU. With the ReLU it keeps x and the output (which the next layer keeps anyway),
     not the sum; without, x alone, and the residual's gradient is the output's."""
 
     @staticmethod
@@ -125,7 +136,7 @@ class _BatchNormAdd(torch.autograd.Function):
         n, c, h, w = x.shape
         gamma, beta, mean, invstd, a = _batch_stats(x, weight, bias, bn)
         z = torch.empty_like(x)
-        getattr(native.lib(), f"norm_add_{act}_forward")(
+        getattr(native.lib(), f"norm_add_{act}_forward{_suffix(x)}")(
             _ptr(x), _ptr(residual), _ptr(z), ctypes.c_int64(n * h * w), ctypes.c_int64(c), _ptr(mean), _ptr(a),
             _ptr(beta), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
@@ -142,14 +153,15 @@ class _BatchNormAdd(torch.autograd.Function):
         m, c64, threads = ctypes.c_int64(n * h * w), ctypes.c_int64(c), ctypes.c_int(torch.get_num_threads())
         dz = dz.contiguous(memory_format=torch.channels_last)
         dx, dgamma, dbeta = torch.empty_like(x), torch.empty(c), torch.empty(c)
+        lib, sfx = native.lib(), _suffix(x)
         if ctx.act == "identity":  # the sum passes dz to both sides; the norm's backward is the plain one's
-            native.lib().norm_act_backward_identity(
+            getattr(lib, f"norm_act_backward_identity{sfx}")(
                 _ptr(dz), _ptr(x), _ptr(dx), m, c64, _ptr(gamma), _ptr(mean), _ptr(invstd), _ptr(a), _ptr(beta),
                 _ptr(dgamma), _ptr(dbeta), threads,
             )  # fmt: skip
             return dx, dz, dgamma, dbeta, None, None
         dr = torch.empty_like(x)
-        native.lib().norm_add_relu_backward(
+        getattr(lib, f"norm_add_relu_backward{sfx}")(
             _ptr(dz), _ptr(kept[0]), _ptr(x), _ptr(dx), _ptr(dr), m, c64, _ptr(gamma), _ptr(mean), _ptr(invstd),
             _ptr(dgamma), _ptr(dbeta), threads,
         )  # fmt: skip
@@ -160,9 +172,10 @@ def batch_norm_add_act(x: torch.Tensor, bn: nn.Module, residual: torch.Tensor, a
     """`act(bn(x) + residual)`: a residual block's last norm, its sum and its activation. One kernel
     when `act(bn(x))` could run fused with a ReLU (a ResNet block) or no activation (an inverted
     residual's linear end) and the residual is a float32 channels-last map of x's shape (the C file's
-    `norm_add_*`: the sum and the ReLU cost no pass of their own); else the plain layers."""
+    `norm_add_*`: the sum and the ReLU cost no pass of their own); else the plain layers. A bf16 x
+    (under autocast) needs a bf16 residual: PyTorch's sum of the two is bf16 too."""
     name = _fusable(x, bn, act)
     if (name not in ("relu", "identity") or type(residual) is not torch.Tensor or residual.shape != x.shape
-            or residual.dtype != torch.float32 or not residual.is_contiguous(memory_format=torch.channels_last)):
+            or residual.dtype != x.dtype or not residual.is_contiguous(memory_format=torch.channels_last)):
         return act(bn(x) + residual)
     return _BatchNormAdd.apply(x, residual, bn.weight, bn.bias, bn, name)

@@ -228,3 +228,17 @@ def test_autocast_float32_steps_switch_the_float32_depthwise_rule(monkeypatch):
     rows = ts.autocast_float32_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
     assert len(calls) >= 16 and rows[0]["speedup"] > 0  # every expanded block, in the rounds with the rule on
     assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(rows) and "all bf16" in ts.norm_act_dw_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_norm_bf16_steps_switch_the_bf16_norm_kernels(monkeypatch):
+    dtypes = []
+    real = ts.models.norm_act._BatchNormAct.apply
+    monkeypatch.setattr(ts.models.norm_act._BatchNormAct, "apply", lambda *a: dtypes.append(a[0].dtype) or real(*a))
+    bf16 = ts.Settings("bf16", torch.bfloat16, True, True)
+    with ts._norm_bf16(False):
+        ts.TrainStep(ts.models.create_model("resnet20", width=0.25), bf16, batch=2)()
+    assert torch.bfloat16 not in dtypes and ts.models.norm_act._fusable.__name__ == "_fusable"  # off, then restored
+    rows = ts.norm_bf16_steps(["resnet20"], batch=2, rounds=1, warmup=0)
+    assert dtypes.count(torch.bfloat16) >= 10 and rows[0]["speedup"] > 0  # the stem and each block's first norm
+    assert "| `resnet20` |" in ts.norm_act_dw_table(rows) and "PyTorch's bf16 norms" in ts.norm_act_dw_table(rows)

@@ -1,4 +1,4 @@
-/* Batch norm (training mode) fused with its activation, for float32 channels-last maps.
+/* Batch norm (training mode) fused with its activation, for float32 and bf16 channels-last maps.
  *
  * Seen as M = N*H*W rows of C channels, a channels-last map is a row-major matrix, so every loop
  * below runs over rows in parallel and over channels with SIMD. What the fusion saves is memory
@@ -101,25 +101,34 @@ void norm_grad_coefficients(const double *s1, const double *s2, int64_t M, int64
  *   dbeta = sum dy, dgamma = sum dy * xhat,
  *   dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M). */
 #define KERNELS(NAME, ACT, GRAD)                                                                   \
-    void norm_act_forward_##NAME(const float *restrict x, float *restrict z, int64_t M, int64_t C, \
+    KERNELS_T(NAME, float, AS_FLOAT, AS_FLOAT, ACT, GRAD)                                          \
+    KERNELS_T(NAME##_bf16, uint16_t, bf16_to_float, float_to_bf16, ACT, GRAD)
+/* T is the element type of x, z and their gradients; LX(v) reads one as a float and SX(f) rounds a
+ * float to one. The float kernels, and the _bf16 ones for bf16 maps (under CPU autocast a conv's
+ * output and its gradient are bf16): the arithmetic is float32 in both, rounded to bf16 once per
+ * value written, so a bf16 kernel's output is its float twin's on the same values, converted. */
+#define AS_FLOAT(v) (v)
+#define KERNELS_T(NAME, T, LX, SX, ACT, GRAD)                                                      \
+    void norm_act_forward_##NAME(const T *restrict x, T *restrict z, int64_t M, int64_t C,         \
                                  const float *restrict mean, const float *restrict a,             \
                                  const float *restrict beta, int nthreads) {                      \
-        ROWS(float y = (x[i] - mean[c]) * a[c] + beta[c]; z[i] = ACT)                              \
+        ROWS(float y = (LX(x[i]) - mean[c]) * a[c] + beta[c]; z[i] = SX(ACT))                      \
     }                                                                                              \
-    void norm_act_backward_##NAME(const float *restrict dz, const float *restrict x,               \
-                                  float *restrict dx, int64_t M, int64_t C,                        \
+    void norm_act_backward_##NAME(const T *restrict dz, const T *restrict x,                       \
+                                  T *restrict dx, int64_t M, int64_t C,                            \
                                   const float *restrict gamma, const float *restrict mean,         \
                                   const float *restrict invstd, const float *restrict a,           \
                                   const float *restrict beta, float *dgamma, float *dbeta,         \
                                   int nthreads) {                                                  \
         double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));                 \
-        CHANNEL_SUMS(dz[i] * ({ float y = (x[i] - mean[c]) * a[c] + beta[c]; GRAD; }),              \
-                     dz[i] * ({ float y = (x[i] - mean[c]) * a[c] + beta[c]; GRAD; }) * (x[i] - mean[c])) \
+        CHANNEL_SUMS(LX(dz[i]) * ({ float y = (LX(x[i]) - mean[c]) * a[c] + beta[c]; GRAD; }),      \
+                     LX(dz[i]) * ({ float y = (LX(x[i]) - mean[c]) * a[c] + beta[c]; GRAD; }) *     \
+                         (LX(x[i]) - mean[c]))                                                     \
         float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));                    \
         float *scale = malloc(C * sizeof(float));                                                  \
         norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);        \
-        ROWS(float y = (x[i] - mean[c]) * a[c] + beta[c]; float dy = dz[i] * (GRAD);                \
-             dx[i] = (dy - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])                           \
+        ROWS(float xv = LX(x[i]); float y = (xv - mean[c]) * a[c] + beta[c];                       \
+             float dy = LX(dz[i]) * (GRAD); dx[i] = SX((dy - k1[c]) * scale[c] - (xv - mean[c]) * k2[c])) \
         free(s1); free(s2); free(k1); free(k2); free(scale);                                       \
     }
 
@@ -133,33 +142,40 @@ KERNELS(hardswish, (y * CLAMP(y + 3.f, 0.f, 6.f) * (1.f / 6.f)),
  * output as above, r (`res`) the shortcut. Forward: read x and r, write z (PyTorch's norm, sum and ReLU read or
  * write a map 7 times). The backward works from z, which the next layer keeps anyway: du = dz where
  * z > 0 (else 0; PyTorch's rule, so a NaN passes the gradient as there) is the gradient of both the
- * norm's output and r. One pass sums du and du * (x - mean) and writes dr = du; a second writes dx. */
-void norm_add_relu_forward(const float *restrict x, const float *restrict res, float *restrict z, int64_t M,
-                           int64_t C, const float *restrict mean, const float *restrict a,
-                           const float *restrict beta, int nthreads) {
-    ROWS(float u = (x[i] - mean[c]) * a[c] + beta[c] + res[i]; z[i] = u < 0.f ? 0.f : u)
-}
-
-void norm_add_relu_backward(const float *restrict dz, const float *restrict z, const float *restrict x,
-                            float *restrict dx, float *restrict dr, int64_t M, int64_t C,
-                            const float *restrict gamma, const float *restrict mean,
-                            const float *restrict invstd, float *dgamma, float *dbeta, int nthreads) {
-    double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));
-    CHANNEL_SUMS(({ float du = z[i] <= 0.f ? 0.f : dz[i]; dr[i] = du; du; }),
-                 dr[i] * (x[i] - mean[c]))
-    float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));
-    float *scale = malloc(C * sizeof(float));
-    norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);
-    ROWS(dx[i] = (dr[i] - k1[c]) * scale[c] - (x[i] - mean[c]) * k2[c])
-    free(s1); free(s2); free(k1); free(k2); free(scale);
-}
-
-/* The linear end of an inverted residual (MobileNetV2/V3): z = y + r with no activation after the sum.
+ * norm's output and r. One pass sums du and du * (x - mean) and writes dr = du; a second writes dx.
+ *
+ * The linear end of an inverted residual (MobileNetV2/V3): z = y + r with no activation after the sum.
  * Forward: read x and r, write z, after the statistics' pass: 4 map passes, where PyTorch's norm then sum
  * make 6. The backward needs no kernel of its own: r's gradient is dz itself, and x's is
- * norm_act_backward_identity's. */
-void norm_add_identity_forward(const float *restrict x, const float *restrict res, float *restrict z, int64_t M,
-                               int64_t C, const float *restrict mean, const float *restrict a,
-                               const float *restrict beta, int nthreads) {
-    ROWS(z[i] = (x[i] - mean[c]) * a[c] + beta[c] + res[i])
-}
+ * norm_act_backward_identity's.
+ *
+ * SUFFIX, T, LX, SX as in KERNELS_T: float maps, and bf16 ones (_bf16; du is dz or 0, so dr is exact). */
+#define NORM_ADD(SUFFIX, T, LX, SX)                                                                \
+    void norm_add_relu_forward##SUFFIX(const T *restrict x, const T *restrict res, T *restrict z, int64_t M, \
+                                       int64_t C, const float *restrict mean, const float *restrict a, \
+                                       const float *restrict beta, int nthreads) {                 \
+        ROWS(float u = (LX(x[i]) - mean[c]) * a[c] + beta[c] + LX(res[i]); z[i] = SX(u < 0.f ? 0.f : u)) \
+    }                                                                                              \
+    void norm_add_relu_backward##SUFFIX(const T *restrict dz, const T *restrict z, const T *restrict x, \
+                                        T *restrict dx, T *restrict dr, int64_t M, int64_t C,      \
+                                        const float *restrict gamma, const float *restrict mean,   \
+                                        const float *restrict invstd, float *dgamma, float *dbeta, \
+                                        int nthreads) {                                            \
+        double *s1 = malloc(C * sizeof(double)), *s2 = malloc(C * sizeof(double));                 \
+        CHANNEL_SUMS(({ float du = LX(z[i]) <= 0.f ? 0.f : LX(dz[i]); dr[i] = SX(du); du; }),       \
+                     LX(dr[i]) * (LX(x[i]) - mean[c]))                                             \
+        float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float));                    \
+        float *scale = malloc(C * sizeof(float));                                                  \
+        norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);        \
+        ROWS(dx[i] = SX((LX(dr[i]) - k1[c]) * scale[c] - (LX(x[i]) - mean[c]) * k2[c]))             \
+        free(s1); free(s2); free(k1); free(k2); free(scale);                                       \
+    }                                                                                              \
+    void norm_add_identity_forward##SUFFIX(const T *restrict x, const T *restrict res, T *restrict z, \
+                                           int64_t M, int64_t C, const float *restrict mean,       \
+                                           const float *restrict a, const float *restrict beta,    \
+                                           int nthreads) {                                         \
+        ROWS(z[i] = SX((LX(x[i]) - mean[c]) * a[c] + beta[c] + LX(res[i])))                        \
+    }
+
+NORM_ADD(, float, AS_FLOAT, AS_FLOAT)
+NORM_ADD(_bf16, uint16_t, bf16_to_float, float_to_bf16)
