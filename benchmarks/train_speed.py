@@ -639,7 +639,7 @@ def residual_end_steps(names: list[str], batch: int, rounds: int, warmup: int = 
 @contextlib.contextmanager
 def _autocast_float32(on: bool):
     rule = models.kernels.float32_depthwise
-    models.kernels.float32_depthwise = rule if on else (lambda stride, fused_norm: False)
+    models.kernels.float32_depthwise = rule if on else (lambda stride, onednn_slow: False)
     try:
         yield
     finally:

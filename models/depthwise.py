@@ -5,8 +5,9 @@ When a float32 channels-last map is trained on a CPU (gradients wanted), it runs
 `csrc/depthwise.c` instead where it was measured faster than oneDNN (`kernels_win`: 5x5 filters,
 and 3x3 ones on maps of at most 2x2): the forward, the weight gradient, and the input gradient at
 stride 1; the input gradient at stride 2 stays oneDNN's. Under CPU autocast to bf16, a strided
-depthwise conv computes in float32 (its input cast once, autocast off around it: oneDNN's bf16
-depthwise conv is the slow path, `kernels.float32_depthwise`) and returns float32. Everything else
+depthwise conv, and one where `kernels_win`, computes in float32 (its input cast once, autocast off
+around it: oneDNN's bf16 depthwise conv is the slow path there, `kernels.float32_depthwise`) and
+returns float32. Everything else
 -- other 3x3 layers, eval or no_grad, NCHW, a bf16 map outside autocast, a bias, dilation, fewer than
 16 channels, hooks on the conv, graph capture, a dispatch mode such as FlopCounterMode, no C
 compiler -- calls `conv(x)`, so results never depend on which path ran beyond float rounding.
@@ -126,7 +127,8 @@ def kernels_win(k: int, h: int, w: int) -> bool:
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """`conv(x)` for a depthwise conv, on the C kernels where they cover the case (module docstring)."""
     if kernels.low_precision_autocast():
-        if not (_covered(x, conv) and kernels.float32_depthwise(conv.stride[0], fused_norm=False)):
+        k = conv.kernel_size[0]
+        if not (_covered(x, conv) and kernels.float32_depthwise(conv.stride[0], kernels_win(k, x.shape[2], x.shape[3]))):
             return conv(x)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
             return depthwise_conv2d(x.float(), conv)

@@ -133,16 +133,18 @@ def low_precision_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
 
 
-def float32_depthwise(stride: int, fused_norm: bool) -> bool:
+def float32_depthwise(stride: int, onednn_slow: bool) -> bool:
     """Under CPU autocast to bf16 while training: whether a depthwise conv (with the norm + act before
-    it, when `fused_norm`) computes in float32 on the zoo's kernels, its input cast once, instead of
-    in bf16. oneDNN's bf16 depthwise conv is slow at stride 2, and bf16 norms and activations cost
-    a pass each where the float32 kernels fuse them. Whole training steps, this rule against all bf16
-    (`python -m benchmarks.train_speed --autocast-float32`, docs/train_speed.md; 2-core Xeon with
-    AMX, batch 128): mobilenet_v1 2.47x, mobilenet_v2 1.58x, mobilenet_v3_small 2.86x,
-    mobilenet_v3_large 2.50x; xception_small 1.03x, whose depthwise convs are all stride 1 and feed
-    no norm: there float32 buys nothing, so its convs after a plain ReLU layer stay bf16."""
-    return low_precision_autocast() and (fused_norm or stride == 2)
+    it, where they are fused) computes in float32 on the zoo's kernels, its input cast once (or read
+    as bf16 by the fused kernel), instead of in bf16 on oneDNN. Where oneDNN's bf16 conv is slow:
+    every strided one (10-45x the float32 layer's time), and the shapes where oneDNN is slow in any
+    precision, `onednn_slow` (`depthwise.kernels_win`: 5x5 filters, 2x2 maps; 4.5-11x in bf16).
+    Elsewhere bf16 wins since the norms read and write bf16 maps themselves (`models/norm_act.py`):
+    each stride-1 3x3 norm + act + depthwise conv of mobilenet_v1, mobilenet_v2 and xception_small
+    ran 1.04-1.36x faster forward + backward as the bf16 norm kernel then oneDNN's bf16 conv than as
+    the float32 fused kernel and a cast (2-core Xeon with AMX, batch 128, docs/train_speed.md).
+    Whole steps, this rule against all bf16: `python -m benchmarks.train_speed --autocast-float32`."""
+    return low_precision_autocast() and (stride == 2 or onednn_slow)
 
 
 def _records_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:

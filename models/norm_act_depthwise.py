@@ -7,11 +7,12 @@ tile at a time, by the forward and again by the backward) -- the C file's header
 passes saved. The batch statistics and running averages come from the fused norm kernel's own
 function, so the norm behaves exactly as `batch_norm_act` makes it behave. Every case the kernel
 does not cover, and maps where it was not measured faster (`kernel_wins`), run the two layers
-as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`. Under CPU autocast to bf16 the
-whole of it computes in float32 with autocast off around it, and returns float32: bf16 norms,
-activations and strided depthwise convs are slower (`kernels.float32_depthwise`). The one kernel
-reads a bf16 x as it is (its `_bf16` C functions) and writes x's gradient in bf16; where the two
-layers run instead, x is cast to float32 first.
+as before: `depthwise_conv2d(batch_norm_act(x, bn, act), conv)`. Under CPU autocast to bf16, where
+oneDNN's bf16 depthwise conv is slow (strided, 5x5, 2x2 maps: `kernels.float32_depthwise`) the
+whole of it computes in float32 with autocast off around it, and returns float32; the one kernel
+reads a bf16 x as it is (its `_bf16` C functions) and writes x's gradient in bf16, and where the
+two layers run instead, x is cast to float32 first. Elsewhere the two layers run in bf16 (the norm
+on its bf16 kernel).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.nn as nn
 
 from . import kernels, native
 from .depthwise import _covered, depthwise_conv2d
+from .depthwise import kernels_win as depthwise_kernels_win
+
 from .norm_act import _fusable as _norm_fusable
 from .norm_act import batch_norm_act
 
@@ -90,7 +93,7 @@ def kernel_wins(k: int, h: int, w: int) -> bool:
 def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:
     """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
     if kernels.low_precision_autocast():
-        float32 = kernels.float32_depthwise(conv.stride[0], fused_norm=True)
+        float32 = kernels.float32_depthwise(conv.stride[0], depthwise_kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3]))
         name = _norm_fusable(x, bn, act, cast=True) if float32 else None
         if name is None or not _covered(x, conv):
             return depthwise_conv2d(batch_norm_act(x, bn, act), conv)

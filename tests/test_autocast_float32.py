@@ -1,8 +1,9 @@
 """Under CPU autocast to bf16 (train.py's default where the CPU computes bf16 natively), the depthwise
-convs that `models.kernels.float32_depthwise` picks -- each fused with the norm + act before it, and
-the other strided ones -- compute in float32 on the zoo's kernels: the same function as the float32
-layers, float32 out, gradients back to the bf16 input; the rest of the network stays bf16, and every
-case the rule or the kernels do not cover runs the layers as autocast runs them."""
+convs that `models.kernels.float32_depthwise` picks -- the strided ones and those where oneDNN is slow
+(5x5, 2x2 maps), with the norm + act before them where they are fused -- compute in float32 on the
+zoo's kernels: the same function as the float32 layers, float32 out, gradients back to the bf16
+input; the rest of the network stays bf16, and every case the rule or the kernels do not cover runs
+the layers as autocast runs them."""
 
 import pytest
 import torch
@@ -46,12 +47,21 @@ def _bf16_input(shape, seed=1):
 
 
 def test_the_rule():
-    assert not kernels.float32_depthwise(2, fused_norm=True)  # no autocast: nothing to decide
+    assert not kernels.float32_depthwise(2, onednn_slow=True)  # no autocast: nothing to decide
     with bf16_autocast():
-        assert kernels.float32_depthwise(2, fused_norm=False) and kernels.float32_depthwise(1, fused_norm=True)
-        assert not kernels.float32_depthwise(1, fused_norm=False)  # (xception_small's unnormed stride-1 convs)
+        assert kernels.float32_depthwise(2, onednn_slow=False) and kernels.float32_depthwise(1, onednn_slow=True)
+        assert not kernels.float32_depthwise(1, onednn_slow=False)  # stride-1 3x3 convs on maps above 2x2
     with torch.autocast("cpu", dtype=torch.float16):
-        assert kernels.float32_depthwise(2, fused_norm=False)
+        assert kernels.float32_depthwise(2, onednn_slow=False)
+
+
+@pytest.mark.parametrize("k, hw", [(5, 8), (3, 2)])
+def test_a_stride_1_depthwise_conv_where_onednn_is_slow_computes_in_float32(k, hw):
+    conv, x = _dw(32, k, 1), _bf16_input((4, 32, hw, hw))
+    with bf16_autocast():
+        y = depthwise.depthwise_conv2d(x, conv)
+    assert y.dtype == torch.float32 and y.grad_fn.name().endswith("_DepthwiseConvBackward")
+    torch.testing.assert_close(y, _dw(32, k, 1)(x.detach().float()), atol=1e-5, rtol=1e-5)
 
 
 def test_a_strided_depthwise_conv_computes_in_float32():
@@ -81,7 +91,7 @@ def test_a_stride_1_depthwise_conv_stays_as_autocast_runs_it(monkeypatch):
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.Hardswish], ids=lambda a: a.__name__)
-@pytest.mark.parametrize("k, s", [(3, 1), (3, 2), (5, 2)])
+@pytest.mark.parametrize("k, s", [(5, 1), (3, 2), (5, 2)])
 def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s, monkeypatch):
     """Under autocast: the float32 kernel's own result on x cast to float32, bit for bit, running
     statistics included, though the kernel reads the bf16 map as it is; the input's gradient comes
@@ -104,6 +114,19 @@ def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s, monkeyp
     assert torch.equal(z, z32) and torch.equal(dx, dx32.bfloat16())
     for a, b in zip(rest, rest32):
         assert torch.equal(a, b)
+
+
+def test_a_stride_1_3x3_norm_act_and_depthwise_conv_run_in_bf16(monkeypatch):
+    """Where oneDNN's bf16 conv is not slow, the norm + act run on the norm kernel's bf16 functions and
+    the conv as autocast runs it: what the two layers give under autocast with the norm fused."""
+    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply", lambda *a: pytest.fail("the float32 kernel ran"))
+    x = _bf16_input((4, 32, 8, 8))
+    bn, conv = _bn(32), _dw(32, 3, 1)
+    with bf16_autocast():
+        z = norm_act_depthwise.norm_act_depthwise(x, bn, nn.ReLU6(), conv)
+        assert z.dtype == torch.bfloat16 and torch.equal(z, conv(norm_act.batch_norm_act(x, _bn(32), nn.ReLU6())))
+    z.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
 def test_norms_fuse_float32_and_bf16_maps_under_autocast_each_in_its_own_type(monkeypatch):
@@ -144,14 +167,15 @@ def _spy(monkeypatch):
     return calls
 
 
-# depthwise convs on the zoo's float32 kernels in one training step: every one after an expand (v2, v3) or
-# a pointwise conv (v1); in v2 and v3_large not the first block's (no expand, stride 1: bf16), in
-# v3_small not the first block's either (no expand, stride 2: float32, but oneDNN's 3x3 conv).
-ON_KERNELS = {"mobilenet_v2": (16, 17), "mobilenet_v1": (13, 13), "mobilenet_v3_small": (10, 11)}
+# depthwise convs on the zoo's float32 kernels in one training step: the strided ones, the 5x5 ones and
+# those on 2x2 maps (kernels.float32_depthwise); the stride-1 3x3 ones on larger maps stay bf16.
+# v2: its 3 strided blocks; v1: its 4 strided convs and the last one (2x2 map); v3_small: its 8 5x5 convs
+# and the stride-2 3x3 after an expand (the second block).
+ON_KERNELS = {"mobilenet_v2": (3, 17), "mobilenet_v1": (5, 13), "mobilenet_v3_small": (9, 11)}
 
 
 @pytest.mark.parametrize("name", list(ON_KERNELS))
-def test_mobilenets_train_their_depthwise_convs_in_float32(name, monkeypatch):
+def test_mobilenets_train_their_slow_depthwise_convs_in_float32(name, monkeypatch):
     calls = _spy(monkeypatch)
     model, logits = _training_step(name, "rule")
     fused_calls, depthwise_calls = calls["fused"], len(calls["depthwise"])
@@ -168,14 +192,14 @@ def test_mobilenets_train_their_depthwise_convs_in_float32(name, monkeypatch):
     assert (logits - exact).abs().max() <= 1.5 * (plain - exact).abs().max() + 1e-3
 
 
-def test_xception_keeps_its_stride_1_unnormed_depthwise_convs_in_bf16(monkeypatch):
+def test_xception_keeps_its_depthwise_convs_in_bf16(monkeypatch):
     calls = _spy(monkeypatch)
     torch.manual_seed(0)
     model = models.create_model("xception_small", num_classes=10).to(memory_format=CL)
     with bf16_autocast():
         model(torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)).float().sum().backward()
-    assert calls["depthwise"] == []  # every depthwise conv is stride 1; those after a block's ReLU layer stay bf16
-    assert calls["fused"] > 0  # those after a unit's norm + ReLU compute in float32, fused with it
+    # every depthwise conv is a stride-1 3x3 on a map of 4x4 or more: all bf16, the norms on their bf16 kernel
+    assert calls["depthwise"] == [] and calls["fused"] == 0
 
 
 def test_eval_under_autocast_runs_no_kernel(monkeypatch):
@@ -186,10 +210,11 @@ def test_eval_under_autocast_runs_no_kernel(monkeypatch):
     assert calls["fused"] == 0 and calls["depthwise"] == [] and y.dtype == torch.bfloat16
 
 
-def test_a_nan_in_the_bf16_map_spreads_as_through_pytorchs_layers():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_nan_in_the_bf16_map_spreads_as_through_pytorchs_layers(stride):
     """A diverged run must show NaN: it fills its channel (the batch statistics), forward and backward,
-    and no other (the float_to_bf16 rounding keeps NaN a NaN)."""
-    bn, conv = _bn(16), _dw(16, 3, 1)
+    and no other (the float_to_bf16 rounding keeps NaN a NaN); stride 1 runs bf16, stride 2 float32."""
+    bn, conv = _bn(16), _dw(16, 3, stride)
     x = _bf16_input((2, 16, 5, 5))
     with torch.no_grad():
         x[0, 0, 0, 0] = float("nan")

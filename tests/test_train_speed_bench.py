@@ -226,7 +226,7 @@ def test_autocast_float32_steps_switch_the_float32_depthwise_rule(monkeypatch):
         ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.25), bf16, batch=2)()
     assert calls == [] and ts.models.kernels.float32_depthwise.__name__ == "float32_depthwise"  # off, then restored
     rows = ts.autocast_float32_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
-    assert len(calls) >= 16 and rows[0]["speedup"] > 0  # every expanded block, in the rounds with the rule on
+    assert len(calls) >= 3 and rows[0]["speedup"] > 0  # the three strided blocks, in the rounds with the rule on
     assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(rows) and "all bf16" in ts.norm_act_dw_table(rows)
 
 
