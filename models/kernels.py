@@ -140,10 +140,11 @@ def float32_depthwise(stride: int, onednn_slow: bool) -> bool:
     every strided one (10-45x the float32 layer's time), and the shapes where oneDNN is slow in any
     precision, `onednn_slow` (`depthwise.kernels_win`: 5x5 filters, 2x2 maps; 4.5-11x in bf16).
     Elsewhere bf16 wins since the norms read and write bf16 maps themselves (`models/norm_act.py`):
-    each stride-1 3x3 norm + act + depthwise conv of mobilenet_v1, mobilenet_v2 and xception_small
-    ran 1.04-1.36x faster forward + backward as the bf16 norm kernel then oneDNN's bf16 conv than as
-    the float32 fused kernel and a cast (2-core Xeon with AMX, batch 128, docs/train_speed.md).
-    Whole steps, this rule against all bf16: `python -m benchmarks.train_speed --autocast-float32`."""
+    with the stride-1 3x3 convs (and the norm + act fused before them) moved back from the float32
+    kernels to the bf16 norm kernel and oneDNN's bf16 conv, mobilenet_v2 went from 1.92-1.95x to
+    2.16-2.17x its torchvision twin and xception_small from 1.12-1.14x to 1.17-1.18x its plain
+    version (`python -m benchmarks.train_speed --twins`, 2-core Xeon with AMX, batch 128,
+    docs/train_speed.md). This rule against all bf16: `--autocast-float32`."""
     return low_precision_autocast() and (stride == 2 or onednn_slow)
 
 
