@@ -238,3 +238,27 @@ def test_mobilenet_v1_imagenet_matches_mobilenets_table_4():
     for mode, (params, macs) in costs.PAPER_TABLE4.items():
         c = costs.cost("mobilenet_v1", mode, stem="imagenet", num_classes=1000, size=224)
         assert c["params"] == pytest.approx(params, rel=0.01) and c["macs"] == pytest.approx(macs, rel=0.01)
+
+
+def test_latency_retimes_every_row_in_one_call(tmp_path, capsys):
+    """Rows timed on other machines (or never): one call times each architecture once, fresh init, and
+    every row gets its architecture's latency and this machine's name; nothing else changes."""
+    def row(mode, seed, k=None, cpu="", latency=None):
+        return {"model": "mobilenet_v1", "width": 0.25, "stem": "cifar", "conv_mode": mode, "pointwise_kernel_size": k,
+                "epochs": 30, "seed": seed, "params": 1, "macs": 2, "val_acc": 0.9, "latency_b1_ms": latency,
+                "latency_cpu": cpu, "recipe": "r", "note": "n", "run_dir": f"gone/{mode}/{seed}"}
+
+    csv_path = tmp_path / "results.csv"
+    before = [row("separable", 0, cpu="EPYC, torch 2, 2026-11-24", latency=99.0), row("separable", 1),
+              row("full", 0), row("pointwise_kxk", 0, k=3)]
+    results.write(csv_path, before)
+    original = results.read(csv_path)
+    assert main(["latency", str(csv_path), *FAST]) == 0
+    assert "timing 3 architectures (4 rows)" in capsys.readouterr().err
+    after = results.read(csv_path)
+    assert len({r["latency_cpu"] for r in after}) == 1 and after[0]["latency_cpu"] != "EPYC, torch 2, 2026-11-24"
+    assert all(r["latency_b1_ms"] > 0 and r["latency_b64_ms"] > r["latency_b1_ms"] for r in after)
+    assert after[0]["latency_b1_ms"] == after[1]["latency_b1_ms"] != 99.0  # one timed model for the two seeds
+    for b, a in zip(original, after):
+        assert {k: v for k, v in a.items() if not k.startswith("latency")} == \
+            {k: v for k, v in b.items() if not k.startswith("latency")}

@@ -4,6 +4,9 @@
     python train.py -m experiment=ablation model=mobilenet_v1 model.conv_mode=separable,full,pointwise_kxk ...
     # 2. add (or replace) one row per run in the results file; latency is measured here, on this machine
     python -m tools.ablation measure runs/ablation/mobilenet_v1/<date> --append docs/ablation/results.csv
+    # latency of every row's architecture again, on this machine in one call (rows timed on several
+    # machines, or runs trained elsewhere, become comparable)
+    python -m tools.ablation latency docs/ablation/results.csv
     # 3. report.md, acc_vs_macs.png, acc_vs_latency.png from the CSV alone (no runs needed)
     python -m tools.ablation report docs/ablation/results.csv --out docs/ablation
     # the width at which separable mobilenet_v1 costs what full mobilenet_v1 costs (mult-adds)
@@ -47,6 +50,21 @@ def cmd_measure(args: argparse.Namespace) -> int:
     cols = ["model", "width", "conv_mode", "epochs", "seed", "val_acc", "latency_b1_ms", "latency_b64_ms", "run_dir"]
     print(md_table(cols, [["n/a" if r.get(c) is None else r[c] for c in cols] for r in rows]))
     print(f"wrote {len(rows)} row(s) into {args.append}")
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    rows = results.read(args.csv)
+    if not rows:
+        raise SystemExit(f"error: {args.csv} has no rows")
+    archs = len({measure.architecture_key(r) for r in rows})
+    print(f"timing {archs} architectures ({len(rows)} rows) at batch 1 and 64, {args.repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} thread(s) ...", file=sys.stderr, flush=True)
+    rows = measure.retime(rows, repeats=args.repeats)
+    results.write(args.csv, rows)
+    cols = ["model", "width", "conv_mode", "epochs", "seed", "latency_b1_ms", "latency_b64_ms"]
+    print(md_table(cols, [["n/a" if r.get(c) is None else r[c] for c in cols] for r in rows]))
+    print(f"rewrote the latency of {len(rows)} row(s) in {args.csv} ({rows[0]['latency_cpu']})")
     return 0
 
 
@@ -94,6 +112,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     m.add_argument("--no-latency", action="store_true", help="skip the latency measurement (columns left empty)")
     m.add_argument("--note", default="", help="text for the rows' note column, e.g. 'not converged'")
     m.set_defaults(func=cmd_measure)
+
+    t = sub.add_parser("latency", parents=[common], help="time every row's architecture again here, in one call")
+    t.add_argument("csv", type=Path, help="the results CSV, rewritten in place")
+    t.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds per batch size")
+    t.set_defaults(func=cmd_latency)
 
     r = sub.add_parser("report", parents=[common], help="report.md and plots from the results CSV only")
     r.add_argument("csv", type=Path)

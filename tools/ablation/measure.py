@@ -71,12 +71,18 @@ def run_row(run: Run, latency: dict[int, Timing] | None = None, threads: int | N
         "recipe": recipe(run), "note": "", "run_dir": str(run.folder),
     }
     if latency:
-        row.update({
-            "latency_b1_ms": _ms(latency[1].median), "latency_b1_iqr_ms": _ms(latency[1].iqr),
-            "latency_b64_ms": _ms(latency[64].median), "latency_b64_iqr_ms": _ms(latency[64].iqr),
-            "latency_cpu": f"{cpu_name()}, torch {torch.__version__}, {_dt.date.today()}", "latency_threads": threads,
-        })
+        row.update(latency_columns(latency, threads))
     return row
+
+
+def latency_columns(latency: dict[int, Timing], threads: int | None) -> dict[str, Any]:
+    """A row's latency cells, with the machine (and day) that timed them: the report compares
+    latencies only between rows that share it."""
+    return {
+        "latency_b1_ms": _ms(latency[1].median), "latency_b1_iqr_ms": _ms(latency[1].iqr),
+        "latency_b64_ms": _ms(latency[64].median), "latency_b64_iqr_ms": _ms(latency[64].iqr),
+        "latency_cpu": f"{cpu_name()}, torch {torch.__version__}, {_dt.date.today()}", "latency_threads": threads,
+    }
 
 
 def measure(groups: Sequence[Group], repeats: int = 20, latency: bool = True) -> list[dict[str, Any]]:
@@ -87,3 +93,27 @@ def measure(groups: Sequence[Group], repeats: int = 20, latency: bool = True) ->
         times = measure_latency(named, repeats=repeats)
     threads = torch.get_num_threads()
     return [run_row(run, times.get(g.label), threads) for g in groups for run in g.runs]
+
+
+def architecture(row: dict[str, Any]) -> dict[str, Any]:
+    """A results row's model config (10 classes: the ablation's CIFAR-10), as `build_model` takes it."""
+    cfg: dict[str, Any] = {"name": row["model"], "width": row["width"], "stem": row["stem"] or "cifar",
+                           "conv_mode": row["conv_mode"], "num_classes": 10, "kwargs": {}}
+    if row["conv_mode"] == "pointwise_kxk" and row.get("pointwise_kernel_size"):
+        cfg["kwargs"]["pointwise_kernel_size"] = row["pointwise_kernel_size"]
+    return cfg
+
+
+def retime(rows: list[dict[str, Any]], repeats: int = 20) -> list[dict[str, Any]]:
+    """Every row's latency timed again here, all architectures in the same interleaved rounds, with a
+    fresh init (a run's latency does not depend on its weights, and runs trained elsewhere left none
+    here): rows from several machines become comparable. The other columns stay as they are."""
+    archs = {architecture_key(row): architecture(row) for row in rows}
+    times = measure_latency([(key, build_model(cfg).eval().float()) for key, cfg in archs.items()], repeats=repeats)
+    threads = torch.get_num_threads()
+    return [dict(row, **latency_columns(times[architecture_key(row)], threads)) for row in rows]
+
+
+def architecture_key(row: dict[str, Any]) -> str:
+    """The rows of one architecture (its seeds) share this key, and one timed model."""
+    return repr(sorted((k, str(v)) for k, v in architecture(row).items()))
