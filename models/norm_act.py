@@ -43,6 +43,11 @@ def available() -> bool:
     return kernels.enabled() and native.lib() is not None
 
 
+def _suffix(x: torch.Tensor) -> str:
+    """The C functions for x's element type: float32, or bf16 (`_bf16`)."""
+    return "_bf16" if x.dtype == torch.bfloat16 else ""
+
+
 def _batch_stats(x, weight, bias, bn: nn.BatchNorm2d):
     """The batch's per-channel mean, 1/std and scale a = gamma/std (y = (x - mean) * a + beta), with
     bn's running averages and batch count updated as nn.BatchNorm2d does in training."""
@@ -56,11 +61,6 @@ def _batch_stats(x, weight, bias, bn: nn.BatchNorm2d):
     )  # fmt: skip
     bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
     return gamma, beta, mean, invstd, a
-
-
-def _suffix(x: torch.Tensor) -> str:
-    """The C functions for x's element type: float32, or bf16 (`_bf16`)."""
-    return "_bf16" if x.dtype == torch.bfloat16 else ""
 
 
 class _BatchNormAct(torch.autograd.Function):
