@@ -93,9 +93,10 @@ def kernel_wins(k: int, h: int, w: int) -> bool:
 def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:
     """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
     if kernels.low_precision_autocast():
-        float32 = kernels.float32_depthwise(conv.stride[0], depthwise_kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3]))
-        name = _norm_fusable(x, bn, act, cast=True) if float32 else None
-        if name is None or not _covered(x, conv):
+        covered = _covered(x, conv)  # (first: it checks that conv is an nn.Conv2d, with a kernel_size)
+        slow = covered and depthwise_kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3])
+        name = _norm_fusable(x, bn, act, cast=True) if covered and kernels.float32_depthwise(conv.stride[0], slow) else None
+        if name is None:
             return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
             if x.dtype == torch.bfloat16 and kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3]):
