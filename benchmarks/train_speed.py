@@ -53,9 +53,9 @@ norm's kernel followed by PyTorch's sum and ReLU, interleaved: ResNet blocks, an
 residuals' linear ends.
 
 Part 9 (`--autocast-float32 [MODEL ...]`): whole training steps under bf16 autocast (channels-last,
-param groups), the depthwise convs `models.kernels.float32_depthwise` picks (with the norm + act
-fused before them, and the other strided ones) computed in float32 on the zoo's kernels, against
-the whole network in bf16, interleaved.
+param groups), the depthwise convs `models.kernels.float32_depthwise` picks (strided, 5x5, 2x2
+maps; with the norm + act before them fused where they are) computed in float32 on the zoo's
+kernels, against the whole network in bf16, interleaved.
 
 Part 10 (`--norm-bf16 [MODEL ...]`): whole training steps under bf16 autocast, every norm (+ act, +
 residual sum) that reads a bf16 map on the zoo's norm kernels (`models/norm_act.py`, its `_bf16` C
