@@ -64,16 +64,13 @@ _ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoot
 # FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
 # weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped
 # schedule had reached (lr(t) of warm-up + cosine at the epoch it stopped) down to zero, from those
-# weights; or a finished run continued by a second cosine cycle. Named finish.<entry>; they export as
+# weights. Named finish.<entry>; they export as
 # <entry> (the card's notes say what ran where).
 FINISH=(
   "finish.xception_small|model=xception_small init_weights=runs/gpu/xception_small/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=4"
   "finish.mobilenet_v3_small|model=mobilenet_v3_small init_weights=runs/gpu/mobilenet_v3_small/checkpoints/last.ckpt optim.lr=0.058 optim.warmup_epochs=0 trainer.max_epochs=4"
   "finish.mobilenet_v2|model=mobilenet_v2 init_weights=runs/gpu/mobilenet_v2/checkpoints/last.ckpt optim.lr=0.075 optim.warmup_epochs=0 trainer.max_epochs=4"
   "finish.mobilenet_v3_large|model=mobilenet_v3_large init_weights=runs/gpu/mobilenet_v3_large/checkpoints/last.ckpt optim.lr=0.14 optim.warmup_epochs=0 trainer.max_epochs=6"
-  # A warm restart (a second, shorter cosine cycle from a quarter of the peak lr) after a finished run
-  # that stopped short of the floor: se_resnet20's 30-epoch ablation run (the plain network) reached 90.54%.
-  "finish.se_resnet20|model=se_resnet20 init_weights=runs/ablation/ablation.se_resnet20.w1_0.separable.s0/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=10"
 )
 
 # teacher_of <job>: the shipped entry whose cached logits the job reads (nothing when it distills nothing).
