@@ -128,7 +128,9 @@ def depthwise_conv2d(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """`conv(x)` for a depthwise conv, on the C kernels where they cover the case (module docstring)."""
     if kernels.low_precision_autocast():
         # (_covered first: it checks that conv is an nn.Conv2d, with a kernel_size)
-        if not (_covered(x, conv) and kernels.float32_depthwise(conv.stride[0], kernels_win(conv.kernel_size[0], *x.shape[2:]))):
+        if not _covered(x, conv):
+            return conv(x)
+        if not kernels.float32_depthwise(conv.stride[0], kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3])):
             return conv(x)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
             return depthwise_conv2d(x.float(), conv)

@@ -137,8 +137,8 @@ def float32_depthwise(stride: int, onednn_slow: bool) -> bool:
     """Under CPU autocast to bf16 while training: whether a depthwise conv (with the norm + act before
     it, where they are fused) computes in float32 on the zoo's kernels, its input cast once (or read
     as bf16 by the fused kernel), instead of in bf16 on oneDNN. Where oneDNN's bf16 conv is slow:
-    every strided one (10-45x the float32 layer's time), and the shapes where oneDNN is slow in any
-    precision, `onednn_slow` (`depthwise.kernels_win`: 5x5 filters, 2x2 maps; 4.5-11x in bf16).
+    every strided one (10-45x the float32 layer's time, issue 8's measurement), and the shapes where
+    oneDNN is slow in float32 too, `onednn_slow` (`depthwise.kernels_win`: 5x5 filters, 2x2 maps).
     Elsewhere bf16 wins since the norms read and write bf16 maps themselves (`models/norm_act.py`):
     with the stride-1 3x3 convs (and the norm + act fused before them) moved back from the float32
     kernels to the bf16 norm kernel and oneDNN's bf16 conv, mobilenet_v2 went from 1.92-1.95x to

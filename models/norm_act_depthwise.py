@@ -95,7 +95,8 @@ def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.
     if kernels.low_precision_autocast():
         covered = _covered(x, conv)  # (first: it checks that conv is an nn.Conv2d, with a kernel_size)
         slow = covered and depthwise_kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3])
-        name = _norm_fusable(x, bn, act, cast=True) if covered and kernels.float32_depthwise(conv.stride[0], slow) else None
+        float32 = covered and kernels.float32_depthwise(conv.stride[0], slow)
+        name = _norm_fusable(x, bn, act, cast=True) if float32 else None
         if name is None:
             return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
