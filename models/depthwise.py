@@ -124,13 +124,17 @@ def kernels_win(k: int, h: int, w: int) -> bool:
     return k >= 5 or h * w <= 4
 
 
+def float32_under_autocast(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Under CPU autocast to bf16: whether `conv(x)` (with the norm + act before it, where they are
+    fused) computes in float32 on the zoo's kernels, by `kernels.float32_depthwise`."""
+    # (_covered first: it checks that conv is an nn.Conv2d, with a kernel_size)
+    return _covered(x, conv) and kernels.float32_depthwise(conv.stride[0], kernels_win(conv.kernel_size[0], *x.shape[2:]))
+
+
 def depthwise_conv2d(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """`conv(x)` for a depthwise conv, on the C kernels where they cover the case (module docstring)."""
     if kernels.low_precision_autocast():
-        # (_covered first: it checks that conv is an nn.Conv2d, with a kernel_size)
-        if not _covered(x, conv):
-            return conv(x)
-        if not kernels.float32_depthwise(conv.stride[0], kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3])):
+        if not float32_under_autocast(x, conv):
             return conv(x)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
             return depthwise_conv2d(x.float(), conv)

@@ -23,9 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels, native
-from .depthwise import _covered, depthwise_conv2d
-from .depthwise import kernels_win as depthwise_kernels_win
-
+from .depthwise import _covered, depthwise_conv2d, float32_under_autocast
 from .norm_act import _fusable as _norm_fusable
 from .norm_act import batch_norm_act
 
@@ -93,10 +91,7 @@ def kernel_wins(k: int, h: int, w: int) -> bool:
 def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:
     """`conv(act(bn(x)))`, with `conv` a depthwise conv: one kernel where it covers the case (module docstring)."""
     if kernels.low_precision_autocast():
-        covered = _covered(x, conv)  # (first: it checks that conv is an nn.Conv2d, with a kernel_size)
-        slow = covered and depthwise_kernels_win(conv.kernel_size[0], x.shape[2], x.shape[3])
-        float32 = covered and kernels.float32_depthwise(conv.stride[0], slow)
-        name = _norm_fusable(x, bn, act, cast=True) if float32 else None
+        name = _norm_fusable(x, bn, act, cast=True) if float32_under_autocast(x, conv) else None
         if name is None:
             return depthwise_conv2d(batch_norm_act(x, bn, act), conv)
         with torch.autocast("cpu", enabled=False):  # in float32, where bf16 is slower (kernels.float32_depthwise)
