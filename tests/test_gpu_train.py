@@ -60,6 +60,20 @@ def test_unknown_entry_is_named(tmp_path):
     assert done.returncode == 2 and "unknown job 'resnet21'" in done.stderr and "mobilenet_v2" in done.stderr
 
 
+def test_an_ab_second_seed_is_the_same_change_at_another_seed():
+    # ab.<...>.<variant>.s1 trains variant's overrides at seed 1; the plain name stays seed 0 (the queue adds it)
+    def recipe(job):
+        done = subprocess.run(["bash", "-c", f'. tools/recipes.sh && recipe_for "{job}"'], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    for variant in ("base", "ls0_2", "norm_lr3", "ls0_2_nlr3"):
+        first, second = recipe(f"ab.resnet20.e15.{variant}"), recipe(f"ab.resnet20.e15.{variant}.s1")
+        assert second == first + ["seed=1"] and not any(a.startswith("seed=") for a in first)
+    assert "optim.label_smoothing=0.2" in recipe("ab.resnet20.e15.ls0_2_nlr3")
+
+
 @pytest.mark.slow
 def test_cpu_queue_resumes_an_ablation_run_and_measures_it_once(tmp_path):
     # the CPU queue as the session runs it, on tiny data: an ablation job trains into

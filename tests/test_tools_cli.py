@@ -146,15 +146,18 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
     def run(name, acc, *overrides, finished=True):
         folder = tmp_path / name
         (folder / ".hydra").mkdir(parents=True)
-        plumbing = ["data.root=../shared/data/cifar10", "cpu_threads=2", "seed=0", f"hydra.run.dir=runs/ab/{name}"]
+        seed = name.rsplit(".s", 1)[1] if ".s" in name.rsplit(".", 1)[1][:2] else "0"
+        plumbing = ["data.root=../shared/data/cifar10", "cpu_threads=2", f"seed={seed}", f"hydra.run.dir=runs/ab/{name}"]
         (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["model=resnet20", "trainer.max_epochs=15", *overrides, *plumbing]))
         if finished:
             (folder / "summary.json").write_text(json.dumps({"final_val_acc": acc, "images_per_second": 500.0,
                                                              "wall_seconds": 1800.0, "precision": "32-true"}))
 
     run("ab.resnet20.e15.base", 0.9000)
+    run("ab.resnet20.e15.base.s1", 0.8960)  # a second seed of base
     run("ab.resnet20.e15.linear", 0.9025, "optim/scheduler=linear")
     run("ab.resnet20.e15.ls0_2", 0.8990, "optim.label_smoothing=0.2")
+    run("ab.resnet20.e15.ls0_2.s1", 0.9010, "optim.label_smoothing=0.2")
     run("ab.resnet20.e15.bs128", 0.95, "data.batch_size=128", finished=False)  # still training: not counted
     run("ab.resnet20.e15.grid2", 0.8980, "data.augment.crop_step=2")
     run("ab.resnet20.e15.kd_r20", 0.9050, "data.augment.crop_step=2", "distill.logits=t.pt")
@@ -162,10 +165,12 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
     assert recipe_ab.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "### `resnet20`, 15 epochs" in out and "bs128" not in out and "ablation" not in out
-    assert "| `base` | (the default recipe) | 90.00% | - |  | 500 | 0.50 | 32-true |" in out
-    assert "| `linear` | `optim/scheduler=linear` | 90.25% | +0.25 |  |" in out
-    assert "| `grid2` | `data.augment.crop_step=2` | 89.80% | -0.20 |  |" in out
-    assert "| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | +0.50 | +0.70 vs `grid2` |" in out
-    assert "| `ls0_2` | `optim.label_smoothing=0.2` | 89.90% | -0.10 |" in out
+    # a variant's seeds are averaged (base: 89.80), each seed set against base at that seed
+    assert "| `base` | (the default recipe) | 89.80% | s0: 90.00; s1: 89.60 | - |  | 500 | 0.50 | 32-true |" in out
+    assert "| `ls0_2` | `optim.label_smoothing=0.2` | 90.00% | s0: 89.90 (-0.10); s1: 90.10 (+0.50) | +0.20 |  |" in out
+    assert "| `linear` | `optim/scheduler=linear` | 90.25% | s0: 90.25 (+0.25) | +0.45 |  |" in out
+    assert "| `grid2` | `data.augment.crop_step=2` | 89.80% | s0: 89.80 (-0.20) | +0.00 |  |" in out
+    assert "| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | s0: 90.50 (+0.50) | +0.70 | +0.70 vs `grid2` |" in out
+    assert out.count("| `ls0_2`") == 1  # one row per variant, whatever its seeds
     assert recipe_ab.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err

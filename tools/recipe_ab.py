@@ -6,8 +6,10 @@ table per model and schedule, each change against the `base` run (the default re
 A run counts once it has finished (its summary.json). Its change is what its command line overrode
 beyond the base run's (`.hydra/overrides.yaml`). Accuracy is the final weights' EMA on the fixed
 validation split, as every shipped card reports it; img/s and hours are the run's own, so runs from
-different machines (or sharing one) compare on accuracy, not on time. One seed per variant: a
-difference under about 0.3 points is inside what seeds alone move (docs/recipe.md).
+different machines (or sharing one) compare on accuracy, not on time. A variant trained at more
+than one seed (`<job>.s<seed>`, tools/recipes.sh; no suffix is seed 0) shows the mean of its seeds,
+each seed's accuracy and its difference from `base` at the same seed; with one seed, a difference
+under about 0.3 points is inside what seeds alone move (docs/recipe.md).
 
 A run whose overrides contain another variant's (beyond base) is also set against that one, its
 control: `kd_r20` (crops on the teacher's grid + the teacher) against `grid2` (the grid alone),
@@ -26,7 +28,7 @@ import yaml
 
 from benchmarks.common import md_table
 
-NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)$")
+NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
 # overrides every queue run gets, which say nothing about the recipe
 PLUMBING = ("data.root=", "cpu_threads=", "trainer.enable_progress_bar=", "hydra.run.dir=", "ckpt_path=", "seed=",
             "data.cache_dir=", "+trainer.benchmark=")
@@ -44,34 +46,52 @@ def load_runs(folders: list[Path]) -> list[dict]:
             overrides_file = run / ".hydra" / "overrides.yaml"
             overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
             overrides = [o for o in overrides if not o.startswith(PLUMBING)]
-            runs.append({**match.groupdict(), "run": run, "summary": json.loads(summary.read_text()), "overrides": overrides})
+            runs.append({**match.groupdict(), "seed": int(match["seed"] or 0), "run": run,
+                         "summary": json.loads(summary.read_text()), "overrides": overrides})
     return runs
 
 
+def _acc(run: dict) -> float:
+    return 100 * run["summary"]["final_val_acc"]
+
+
+def _diff(points: float) -> str:
+    return f"{round(points, 2) + 0.0:+.2f}"  # + 0.0: a difference that rounds to zero prints +0.00, not -0.00
+
+
 def report(runs: list[dict]) -> str:
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for r in runs:
-        groups.setdefault((r["model"], r["epochs"]), []).append(r)
+        groups.setdefault((r["model"], r["epochs"]), {}).setdefault(r["variant"], []).append(r)
     parts = []
-    for (model, epochs), group in sorted(groups.items()):
-        base = next((r for r in group if r["variant"] == "base"), None)
-        base_acc = 100 * base["summary"]["final_val_acc"] if base else None
-        changes = {r["variant"]: [o for o in r["overrides"] if not base or o not in base["overrides"]] for r in group}
+    for (model, epochs), variants in sorted(groups.items()):
+        seeds = {v: {r["seed"]: r for r in rs} for v, rs in variants.items()}
+        mean = {v: sum(map(_acc, rs.values())) / len(rs) for v, rs in seeds.items()}
+        base = seeds.get("base")
+        # a variant's change: its overrides beyond base's (the same at every seed)
+        changes = {v: [o for o in rs[0]["overrides"] if not base or o not in next(iter(base.values()))["overrides"]]
+                   for v, rs in variants.items()}
         rows = []
-        for r in sorted(group, key=lambda r: (r["variant"] != "base", r["variant"])):
-            s = r["summary"]
-            acc = 100 * s["final_val_acc"]
-            change = changes[r["variant"]]
-            delta = "-" if r is base or base_acc is None else f"{acc - base_acc:+.2f}"
-            control = max((c for c in group if c is not base and c is not r and changes[c["variant"]]
-                           and set(changes[c["variant"]]) < set(change)), key=lambda c: len(changes[c["variant"]]), default=None)
-            vs_control = f"{acc - 100 * control['summary']['final_val_acc']:+.2f} vs `{control['variant']}`" if control else ""
-            rows.append([f"`{r['variant']}`", " ".join(f"`{o}`" for o in change) or "(the default recipe)", f"{acc:.2f}%",
-                         delta, vs_control, f"{s['images_per_second']:,.0f}", f"{s['wall_seconds'] / 3600:.2f}", s.get("precision", "")])
+        for v in sorted(seeds, key=lambda v: (v != "base", v)):
+            per_seed = []
+            for seed, r in sorted(seeds[v].items()):
+                paired = f" ({_diff(_acc(r) - _acc(base[seed]))})" if base and v != "base" and seed in base else ""
+                per_seed.append(f"s{seed}: {_acc(r):.2f}{paired}")
+            delta = "-" if v == "base" or not base else _diff(mean[v] - mean["base"])
+            control = max((c for c in seeds if c not in ("base", v) and changes[c] and set(changes[c]) < set(changes[v])),
+                          key=lambda c: len(changes[c]), default=None)
+            vs_control = f"{_diff(mean[v] - mean[control])} vs `{control}`" if control else ""
+            runs_v = list(seeds[v].values())
+            img_s = sum(r["summary"]["images_per_second"] for r in runs_v) / len(runs_v)
+            hours = sum(r["summary"]["wall_seconds"] for r in runs_v) / len(runs_v) / 3600
+            precision = ", ".join(sorted({r["summary"].get("precision", "") for r in runs_v}))
+            rows.append([f"`{v}`", " ".join(f"`{o}`" for o in changes[v]) or "(the default recipe)", f"{mean[v]:.2f}%",
+                         "; ".join(per_seed), delta, vs_control, f"{img_s:,.0f}", f"{hours:.2f}", precision])
         note = "" if base else "\n(no finished `base` run yet: no differences)\n"
         parts.append(f"### `{model}`, {epochs} epochs\n\n" + md_table(
-            ["variant", "change", "val acc (final EMA)", "vs base", "vs its control", "img/s", "hours", "precision"], rows,
-            right=[False, False, True, True, True, True, True, False]) + "\n" + note)
+            ["variant", "change", "val acc (final EMA, mean of seeds)", "per seed (vs base at that seed)", "vs base",
+             "vs its control", "img/s", "hours", "precision"], rows,
+            right=[False, False, True, False, True, True, True, True, False]) + "\n" + note)
     return "\n".join(parts) if parts else "(no finished recipe A/B runs)\n"
 
 

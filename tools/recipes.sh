@@ -43,7 +43,7 @@ _ablation mobilenet_v2 0.5 30 0 separable full pointwise_kxk
 # queues make that file (python -m tools.teacher_logits, resumable) before the first job that reads it.
 TEACHER_DIR=${TEACHER_DIR:-data_cache/teacher_logits}
 
-# AB: the recipe A/Bs (docs/recipe.md, "Measured"), named ab.<model>.e<epochs>.<variant>: the default
+# AB: the recipe A/Bs (docs/recipe.md, "Measured"), named ab.<model>.e<epochs>.<variant>[.s<seed>]: the default
 # recipe ("base") against one change each, at the same short schedule. They go to runs/ab/<job>;
 # python -m tools.recipe_ab report runs/ab compares them.
 AB=()
@@ -60,6 +60,16 @@ _ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoot
 # kd_r20: distilled from the shipped resnet20's cached logits (docs/recipe.md); its student draws crops on
 # the teacher file's 2-pixel grid (crop_step=2 says so; the file sets it anyway), so grid2 (the same grid,
 # no teacher) is its control, not base: tools/recipe_ab sets a run against the variant its overrides contain.
+# ls0_2_nlr3: both seed-0 leaders at once, so adopting both is measured, not assumed.
+_ab resnet20 15 "ls0_2_nlr3|optim.label_smoothing=0.2 optim.norm_lr_factor=3"
+# Second seeds, named <job>.s<seed>: the same overrides at another seed. One seed moved resnet20 by about
+# 0.3 points, as much as a lead, so a change is adopted only when it leads at both seeds;
+# tools/recipe_ab averages a variant's seeds.
+_ab_seed() {  # _ab_seed <seed> <job> ...
+  local seed=$1 job r; shift
+  for job in "$@"; do for r in "${AB[@]}"; do [ "${r%%|*}" = "$job" ] && AB+=("$job.s$seed|${r#*|} seed=$seed"); done; done
+}
+_ab_seed 1 ab.resnet20.e15.base ab.resnet20.e15.ls0_2 ab.resnet20.e15.norm_lr3 ab.resnet20.e15.ls0_2_nlr3
 
 # FINISH: entries whose GPU run (tools/gpu_train.sh) was stopped by its call's deadline with its EMA
 # weights kept but not its optimizer state: a new, short cosine from the learning rate the stopped
