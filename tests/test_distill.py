@@ -18,7 +18,7 @@ from training.data import CifarDataModule, DeviceBatchLoader, EpochOrder, epoch_
 from training.errors import ConfigError, DataError
 from training.models import build_model
 from training.module import distillation_loss
-from training.pipeline import train
+from training.pipeline import native_bf16_cpu, train
 
 PAD, STEP = 4, 2  # the default grid: 5 x 5 offsets x 2 flips
 FILE_PAD = 2  # the tool's file in these tests: 3 x 3 x 2 = 18 views keep the teacher's forwards few
@@ -66,13 +66,20 @@ def test_the_tool_writes_each_views_teacher_logits_with_its_metadata(tiny):
     # each (image, view) against the teacher's own forward on that crop + flip, made by hand
     mean, std = torch.tensor(meta["mean"])[:, None, None], torch.tensor(meta["std"])[:, None, None]
     views = grid_views(FILE_PAD, STEP)
+    # the forwards ran under bf16 autocast where this CPU computes bf16 natively (as training would), else in float32
+    bf16 = native_bf16_cpu()
+    assert meta["teacher_precision"] == ("bf16-mixed" if bf16 else "32-true")
     for i, v in [(0, 0), (5, 17), (31, 9), (59, 4)]:
         dx, dy, flip = views[v]
         crop = F.pad(images[i], (FILE_PAD,) * 4)[:, dy:dy + 32, dx:dx + 32]
         crop = crop.flip(-1) if flip else crop
-        with torch.no_grad():
-            expected = tiny["model"](((crop.float() / 255 - mean) / std)[None])[0]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            expected = tiny["model"](((crop.float() / 255 - mean) / std)[None])[0].float()
         assert torch.allclose(logits[i, v].float(), expected.flatten(), atol=2e-2, rtol=1e-2), (i, v)
+        if bf16:  # computed in bf16, not in float32 and only stored in fp16
+            with torch.no_grad():
+                exact = tiny["model"](((crop.float() / 255 - mean) / std)[None])[0].half()
+            assert not torch.equal(logits[i, v], exact.flatten()), (i, v)
     plain = views.index((FILE_PAD, FILE_PAD, False))
     assert meta["teacher_train_acc"] == pytest.approx(float((logits[:, plain].float().argmax(-1) == labels).float().mean()))
 

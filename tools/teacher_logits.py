@@ -34,6 +34,7 @@ from training.checkpoints import check_compatible, checkpoint_config, describe_m
 import training.config  # noqa: F401  (registers the resolvers the train config uses)
 from training.data import CifarDataModule, batch_crop, batch_flip, grid_views, teacher_data_meta
 from training.errors import ConfigError, exit_on_user_error
+from training.pipeline import native_bf16_cpu
 from training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,9 +88,11 @@ def data_config(name: str | None, root: str, overrides: list[str]) -> dict:
 @torch.inference_mode()
 def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], pad: int, step: int,
                    batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = True,
-                   partial: Path | None = None, key: str = "", save_every_s: float = 300.0) -> torch.Tensor:
+                   partial: Path | None = None, key: str = "", save_every_s: float = 300.0,
+                   bf16: bool = False) -> torch.Tensor:
     """fp16 logits (N, views, classes) of `model` on every view of `grid_views(pad, step)` of the uint8
     images: the crops and flips `batch_crop`/`batch_flip` make in training, normalised the same way.
+    `bf16`: the forwards run under bf16 autocast (`make` asks for it where training would use it).
 
     `partial`: a file the finished batches are saved to every `save_every_s` seconds, and resumed
     from when it was written for the same `key` (teacher, data, grid, batch size): on a CPU the
@@ -115,7 +118,8 @@ def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], st
             view = batch_crop(x, torch.full((n,), dx), torch.full((n,), dy), pad) if pad else x
             view = batch_flip(view, torch.full((n,), flip))
             view = torch.addcmul(shift, view.float(), scale).contiguous(memory_format=torch.channels_last)
-            logits = model(view).float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(view).float()
             if out is None:
                 out = torch.empty(len(images), len(views), logits.shape[1], dtype=torch.float16)
             out[b * batch_size:b * batch_size + n, v] = logits.half().cpu()
@@ -162,17 +166,22 @@ def make(teacher: str, data_root: str, out: str | Path | None = None, step: int 
     views = grid_views(pad, step)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the precision trainer.precision=auto trains in here: on a CPU with AVX512-BF16/AMX, bf16 autocast runs
+    # resnet20's forwards 2.7-2.9x faster (3,449-3,686 against 1,278-1,293 img/s, batch 512, 2 threads, the
+    # AMX Xeon, 2026-11-28, a one-off timing), and the logits are stored in fp16 either way
+    bf16 = torch.device(device).type == "cpu" and native_bf16_cpu()
+    precision = "bf16-mixed" if bf16 else "32-true"
     print(f"teacher {identity['name']}: {len(images)} training images x {len(views)} views "
-          f"(pad {pad}, step {step}) on {device}", flush=True)
+          f"(pad {pad}, step {step}) on {device}, {precision}", flush=True)
     path = Path(out) if out else None
     partial = (path or default_out(data_cfg, {**meta, "teacher": identity})).with_suffix(".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    key = repr((identity, meta, norm, batch_size))  # what the logits depend on: another value starts over
+    key = repr((identity, meta, norm, batch_size, precision))  # what the logits depend on: another value starts over
     logits = teacher_logits(model, images, norm["mean"], norm["std"], pad, step, batch_size, device, progress,
-                            partial=partial, key=key)
+                            partial=partial, key=key, bf16=bf16)
     plain = views.index((pad, pad, False))
     acc = float((logits[:, plain].float().argmax(-1) == labels).float().mean())
-    meta.update(teacher=identity, mean=[float(m) for m in norm["mean"]], std=[float(s) for s in norm["std"]],
+    meta.update(teacher=identity, teacher_precision=precision, mean=[float(m) for m in norm["mean"]], std=[float(s) for s in norm["std"]],
                 n_train=len(images), views=len(views), teacher_train_acc=acc, created=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = path or default_out(data_cfg, meta)
     tmp = path.with_suffix(".tmp")
