@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -143,34 +145,60 @@ def test_cards_hold_no_path_of_the_machine_that_trained_them():
 def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys):
     from tools import recipe_ab
 
-    def run(name, acc, *overrides, finished=True):
+    def run(name, acc, *overrides, finished=True, root="../shared/data/cifar10"):
+        # a run folder as train.py leaves it: the resolved config (a trimmed one here) and, once done, its summary
+        seed = int(name.rsplit(".s", 1)[1]) if re.search(r"\.s\d+$", name) else 0
+        config = {"model": {"name": "resnet20", "width": 1.0, "kwargs": {}},
+                  "data": {"root": root, "cache_dir": "data_cache", "batch_size": 256, "augment": {"crop_step": 1}},
+                  "optim": {"lr": 0.2, "label_smoothing": 0.1, "norm_lr_factor": 1.0, "schedule": "cosine", "epochs": 15,
+                            "optimizer": {"lr": 0.2}},
+                  "distill": {"logits": None}, "trainer": {"max_epochs": 15, "precision": "auto"}, "seed": seed,
+                  "cpu_threads": 2, "run_dir": f"runs/ab/{name}"}
+        for o in overrides:  # key=value, as Hydra would apply it
+            key, value = o.split("=")
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        if "optim.lr" in " ".join(overrides):
+            config["optim"]["optimizer"]["lr"] = config["optim"]["lr"]  # the target reads the plain key
         folder = tmp_path / name
-        (folder / ".hydra").mkdir(parents=True)
-        seed = name.rsplit(".s", 1)[1] if ".s" in name.rsplit(".", 1)[1][:2] else "0"
-        plumbing = ["data.root=../shared/data/cifar10", "cpu_threads=2", f"seed={seed}", f"hydra.run.dir=runs/ab/{name}"]
-        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["model=resnet20", "trainer.max_epochs=15", *overrides, *plumbing]))
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
         if finished:
             (folder / "summary.json").write_text(json.dumps({"final_val_acc": acc, "images_per_second": 500.0,
                                                              "wall_seconds": 1800.0, "precision": "32-true"}))
 
     run("ab.resnet20.e15.base", 0.9000)
-    run("ab.resnet20.e15.base.s1", 0.8960)  # a second seed of base
-    run("ab.resnet20.e15.linear", 0.9025, "optim/scheduler=linear")
+    run("ab.resnet20.e15.base.s1", 0.8960, root="/elsewhere/cifar10")  # a second seed of base, data read from elsewhere
+    run("ab.resnet20.e15.linear", 0.9025, "optim.schedule=linear")
     run("ab.resnet20.e15.ls0_2", 0.8990, "optim.label_smoothing=0.2")
-    run("ab.resnet20.e15.ls0_2.s1", 0.9010, "optim.label_smoothing=0.2")
-    run("ab.resnet20.e15.bs128", 0.95, "data.batch_size=128", finished=False)  # still training: not counted
+    run("ab.resnet20.e15.ls0_2.s1", 0.9010, "optim.norm_lr_factor=1.0", "optim.label_smoothing=0.2")  # pins base's value
+    run("ab.resnet20.e15.bs128", 0.9040, "data.batch_size=128", "optim.lr=0.1")
+    run("ab.resnet20.e15.prog16", 0.95, "data.progressive.min_size=16", finished=False)  # still training: not counted
     run("ab.resnet20.e15.grid2", 0.8980, "data.augment.crop_step=2")
     run("ab.resnet20.e15.kd_r20", 0.9050, "data.augment.crop_step=2", "distill.logits=t.pt")
+    run("ab.resnet20.e15.zero_gamma", 0.8990, "model.kwargs.zero_init_residual=true")
     run("ablation.resnet20.w1_0.separable.s0", 0.5)  # not an A/B
     assert recipe_ab.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "### `resnet20`, 15 epochs" in out and "bs128" not in out and "ablation" not in out
+    assert "### `resnet20`, 15 epochs" in out and "prog16" not in out and "ablation" not in out
     # a variant's seeds are averaged (base: 89.80), each seed set against base at that seed
-    assert "| `base` | (the default recipe) | 89.80% | s0: 90.00; s1: 89.60 | - |  | 500 | 0.50 | 32-true |" in out
+    assert "| `base` | (none: base) | 89.80% | s0: 90.00; s1: 89.60 | - |  | 500 | 0.50 | 32-true |" in out
     assert "| `ls0_2` | `optim.label_smoothing=0.2` | 90.00% | s0: 89.90 (-0.10); s1: 90.10 (+0.50) | +0.20 |  |" in out
-    assert "| `linear` | `optim/scheduler=linear` | 90.25% | s0: 90.25 (+0.25) | +0.45 |  |" in out
+    assert "| `linear` | `optim.schedule=linear` | 90.25% | s0: 90.25 (+0.25) | +0.45 |  |" in out
+    assert "| `bs128` | `data.batch_size=128` `optim.lr=0.1` | 90.40% |" in out  # optim.optimizer.lr follows: not a change
     assert "| `grid2` | `data.augment.crop_step=2` | 89.80% | s0: 89.80 (-0.20) | +0.00 |  |" in out
-    assert "| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | s0: 90.50 (+0.50) | +0.70 | +0.70 vs `grid2` |" in out
+    assert ("| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | s0: 90.50 (+0.50) | +0.70 | +0.70 vs `grid2` |"
+            in out)
+    assert "| `zero_gamma` | `model.kwargs.zero_init_residual=True` | 89.90% |" in out
     assert out.count("| `ls0_2`") == 1  # one row per variant, whatever its seeds
+
+    # a seed that trained another recipe is named, not averaged in
+    run("ab.resnet20.e15.grid2.s1", 0.8990, "data.augment.crop_step=4")
+    assert recipe_ab.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ab.resnet20.e15.grid2.s1 trained another recipe than" in err and "data.augment.crop_step=4" in err
     assert recipe_ab.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err

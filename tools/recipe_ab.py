@@ -3,17 +3,20 @@ table per model and schedule, each change against the `base` run (the default re
 
     python -m tools.recipe_ab report runs/ab [runs/gpu ...]
 
-A run counts once it has finished (its summary.json). Its change is what its command line overrode
-beyond the base run's (`.hydra/overrides.yaml`). Accuracy is the final weights' EMA on the fixed
-validation split, as every shipped card reports it; img/s and hours are the run's own, so runs from
-different machines (or sharing one) compare on accuracy, not on time. A variant trained at more
-than one seed (`<job>.s<seed>`, tools/recipes.sh; no suffix is seed 0) shows the mean of its seeds,
-each seed's accuracy and its difference from `base` at the same seed; with one seed, a difference
-under about 0.3 points is inside what seeds alone move (docs/recipe.md).
+A run counts once it has finished (its summary.json). Its change is where its recipe differs from
+the base run's: the resolved config each run saved (`config.yaml`), over the keys that shape training
+(model, data, optim's plain keys, distill, epochs, precision; not paths, threads or seeds). So a default
+adopted later, or a job that pins the old default, compares by what it trained, and the seeds of a
+variant must share one recipe (else the report names the keys that differ and stops). Accuracy is
+the final weights' EMA on the fixed validation split, as every shipped card reports it; img/s and
+hours are the run's own, so runs from different machines (or sharing one) compare on accuracy, not
+on time. A variant trained at more than one seed (`<job>.s<seed>`, tools/recipes.sh; no suffix is
+seed 0) shows the mean of its seeds, each seed's accuracy and its difference from `base` at the same
+seed; base's own seeds show how far seeds alone move a run (docs/recipe.md).
 
-A run whose overrides contain another variant's (beyond base) is also set against that one, its
-control: `kd_r20` (crops on the teacher's grid + the teacher) against `grid2` (the grid alone),
-`prog16_e22` (progressive, 22 epochs) against `prog16` (progressive, 15).
+A run whose change contains another variant's is also set against that one, its control: `kd_r20`
+(crops on the teacher's grid + the teacher) against `grid2` (the grid alone), `prog16_e22`
+(progressive, 22 epochs) against `prog16` (progressive, 15).
 """
 
 from __future__ import annotations
@@ -29,13 +32,33 @@ import yaml
 from benchmarks.common import md_table
 
 NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
-# overrides every queue run gets, which say nothing about the recipe
-PLUMBING = ("data.root=", "cpu_threads=", "trainer.enable_progress_bar=", "hydra.run.dir=", "ckpt_path=", "seed=",
-            "data.cache_dir=", "+trainer.benchmark=")
+RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision")
+# under those, what does not change what is trained: where files are, how they are read, the teacher's
+# identity (distill.logits names it), and optim's Hydra targets (built from its plain keys)
+NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers", "data.eval_batch_size",
+              "distill.teacher", "optim.optimizer.", "optim.scheduler.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def recipe(config: dict) -> dict:
+    """The keys of a resolved run config that shape training, flattened (`optim.lr`: 0.2, ...)."""
+    flat = {k: v for k, v in _flat(config).items() if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE)}
+    if flat.get("optim.epochs") == flat.get("trainer.max_epochs"):
+        flat.pop("optim.epochs", None)  # the schedule's length follows the epochs unless set apart
+    return flat
 
 
 def load_runs(folders: list[Path]) -> list[dict]:
-    """Every finished ab.* run under the folders: name parts, summary, and its overrides."""
+    """Every finished ab.* run under the folders: name parts, seed, summary, and its recipe."""
     runs = []
     for folder in folders:
         for run in sorted(folder.glob("ab.*")):
@@ -43,12 +66,18 @@ def load_runs(folders: list[Path]) -> list[dict]:
             summary = run / "summary.json"
             if not match or not summary.is_file():
                 continue
-            overrides_file = run / ".hydra" / "overrides.yaml"
-            overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-            overrides = [o for o in overrides if not o.startswith(PLUMBING)]
             runs.append({**match.groupdict(), "seed": int(match["seed"] or 0), "run": run,
-                         "summary": json.loads(summary.read_text()), "overrides": overrides})
+                         "summary": json.loads(summary.read_text()),
+                         "recipe": recipe(yaml.safe_load((run / "config.yaml").read_text()))})
     return runs
+
+
+def _change(run: dict, base: dict | None) -> list[str]:
+    """`key=value` for each recipe key where run differs from base (all of them but none without a base)."""
+    if base is None:
+        return []
+    keys = sorted(k for k in run["recipe"].keys() | base["recipe"].keys() if run["recipe"].get(k) != base["recipe"].get(k))
+    return [f"{k}={run['recipe'].get(k, '(unset)')}" for k in keys]
 
 
 def _acc(run: dict) -> float:
@@ -67,10 +96,15 @@ def report(runs: list[dict]) -> str:
     for (model, epochs), variants in sorted(groups.items()):
         seeds = {v: {r["seed"]: r for r in rs} for v, rs in variants.items()}
         mean = {v: sum(map(_acc, rs.values())) / len(rs) for v, rs in seeds.items()}
+        for v, rs in seeds.items():
+            first = next(iter(rs.values()))
+            for r in rs.values():
+                if _change(r, first):
+                    raise ValueError(f"{r['run']} trained another recipe than {first['run']} ({', '.join(_change(r, first))}); "
+                                     "a variant's seeds must differ in their seed only: rename one of them")
         base = seeds.get("base")
-        # a variant's change: its overrides beyond base's (the same at every seed)
-        changes = {v: [o for o in rs[0]["overrides"] if not base or o not in next(iter(base.values()))["overrides"]]
-                   for v, rs in variants.items()}
+        base_run = next(iter(base.values())) if base else None
+        changes = {v: _change(next(iter(rs.values())), base_run) for v, rs in seeds.items()}
         rows = []
         for v in sorted(seeds, key=lambda v: (v != "base", v)):
             per_seed = []
@@ -85,7 +119,7 @@ def report(runs: list[dict]) -> str:
             img_s = sum(r["summary"]["images_per_second"] for r in runs_v) / len(runs_v)
             hours = sum(r["summary"]["wall_seconds"] for r in runs_v) / len(runs_v) / 3600
             precision = ", ".join(sorted({r["summary"].get("precision", "") for r in runs_v}))
-            rows.append([f"`{v}`", " ".join(f"`{o}`" for o in changes[v]) or "(the default recipe)", f"{mean[v]:.2f}%",
+            rows.append([f"`{v}`", " ".join(f"`{o}`" for o in changes[v]) or "(none: base)", f"{mean[v]:.2f}%",
                          "; ".join(per_seed), delta, vs_control, f"{img_s:,.0f}", f"{hours:.2f}", precision])
         note = "" if base else "\n(no finished `base` run yet: no differences)\n"
         parts.append(f"### `{model}`, {epochs} epochs\n\n" + md_table(
@@ -105,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"no such folder: {', '.join(missing)} (the CPU queue writes runs/ab, a GPU lease runs/gpu)", file=sys.stderr)
         return 2
-    print(report(load_runs(args.folders)))
+    try:
+        print(report(load_runs(args.folders)))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"recipe_ab: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -59,7 +59,7 @@ _ab resnet20 15 "base|" "linear|optim/scheduler=linear" "ls0_2|optim.label_smoot
   "grid2|data.augment.crop_step=2" "kd_r20|data.augment.crop_step=2 distill.logits=$TEACHER_DIR/resnet20.pt"
 # kd_r20: distilled from the shipped resnet20's cached logits (docs/recipe.md); its student draws crops on
 # the teacher file's 2-pixel grid (crop_step=2 says so; the file sets it anyway), so grid2 (the same grid,
-# no teacher) is its control, not base: tools/recipe_ab sets a run against the variant its overrides contain.
+# no teacher) is its control, not base: tools/recipe_ab sets a run against the variant whose change its own contains.
 # ls0_2_nlr3: both seed-0 leaders at once, so adopting both is measured, not assumed.
 _ab resnet20 15 "ls0_2_nlr3|optim.label_smoothing=0.2 optim.norm_lr_factor=3"
 # More seeds, named <job>.s<seed>: the same overrides at another seed. base's seeds 0 and 1 differ by 0.74
