@@ -79,7 +79,7 @@ def test_a_second_stage_card_counts_both_stages(tmp_path):
     import torch
     import yaml
 
-    from tools.export_weights import first_stage, model_card, total_budget
+    from tools.export_weights import first_stage, model_card, total_budget, train_command
 
     run = tmp_path / "runs" / "gpu" / "xception_small"
     (run / "checkpoints").mkdir(parents=True)
@@ -92,7 +92,11 @@ def test_a_second_stage_card_counts_both_stages(tmp_path):
         "epoch,train/epoch_seconds,val/acc\n0,40.5,\n0,,0.5\n1,12.5,\n1,,0.6\n")
     first = first_stage(run / "checkpoints" / "last.ckpt", "NVIDIA H200")
     assert first["epochs"] == 31 and first["scheduled_epochs"] == 46 and first["train_seconds"] == 53.0
-    assert first["command"] == "python train.py model=xception_small trainer.max_epochs=46" and first["hardware"] == "NVIDIA H200"
+    # a default changed since (CHANGED_DEFAULTS) is named at the value the run trained with, here the old one
+    assert first["command"] == "python train.py model=xception_small trainer.max_epochs=46 optim.norm_lr_factor=1.0"
+    assert first["hardware"] == "NVIDIA H200"
+    assert train_command(["model=resnet56"], {"optim": {"norm_lr_factor": 3.0}}) == "python train.py model=resnet56 optim.norm_lr_factor=3.0"
+    assert train_command(["optim.norm_lr_factor=2"], {"optim": {"norm_lr_factor": 2}}) == "python train.py optim.norm_lr_factor=2"
     recipe = {"epochs": 4, "wall_seconds": 3600.0, "hardware": "a 2-core CPU", "started_from": first}
     assert total_budget(recipe) == ("31 + 4", 3653.0, "NVIDIA H200, then a 2-core CPU")
     assert total_budget(dict(recipe, started_from=None)) == ("4", 3600.0, "a 2-core CPU")

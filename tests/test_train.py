@@ -65,6 +65,9 @@ def test_default_recipe_is_the_documented_one():
     cfg = compose_config("train", [])
     assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
     assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs > 0 and cfg.optim.label_smoothing > 0
+    assert cfg.optim.norm_lr_factor == 3.0  # the A/B winner (docs/recipe.md)
+    # OneCycleLR sets one lr for all groups, so choosing it sets the factor back to 1 rather than failing
+    assert compose_config("train", ["optim/scheduler=onecycle"]).optim.norm_lr_factor == 1.0
     assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.flip and cfg.data.val_size == 5000
     assert list(cfg.data.mean) == [0.4914, 0.4822, 0.4465]
 
@@ -200,7 +203,7 @@ def test_linear_schedule_warms_up_then_falls_in_a_straight_line(compose_train, t
 
 
 def test_norm_lr_factor_scales_the_norms_and_biases_rate_all_run_long(compose_train, tmp_path):
-    train(compose_train("optim.norm_lr_factor=3", "trainer.max_epochs=1"))
+    train(compose_train("trainer.max_epochs=1"))  # the default recipe's factor, 3
     groups = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"]
     assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
     assert groups[1]["lr"] == pytest.approx(3 * groups[0]["lr"]) and groups[0]["lr"] > 0

@@ -73,6 +73,25 @@ def repo_relative(value):
     return value
 
 
+# Defaults of train.py that changed after some cards were trained, with the value they had before: a card's
+# command names them, so it trains today what it trained then (docs/recipe.md records each change).
+CHANGED_DEFAULTS = {"optim.norm_lr_factor": 1.0}  # 1.0 -> 3.0 on 2026-11-28
+
+
+def train_command(overrides: list[str], config: dict) -> str:
+    """`python train.py <overrides>`, plus each of CHANGED_DEFAULTS the overrides leave to the default,
+    at the value the run's config had (the old default where the config predates the key)."""
+    named = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    pins = []
+    for key, before in CHANGED_DEFAULTS.items():
+        if key not in named:
+            node = config
+            for part in key.split("."):
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            pins.append(f"{key}={before if node == {} else node}")
+    return "python train.py " + " ".join(list(overrides) + pins)
+
+
 def default_entry(model_cfg: dict) -> str:
     tag = [] if float(model_cfg["width"]) == 1.0 else [f"w{model_cfg['width']:g}".replace(".", "_")]
     if model_cfg.get("conv_mode", "separable") != "separable":
@@ -152,7 +171,7 @@ def main() -> None:
         "val_split": {"size": data_cfg["val_size"], "seed": data_cfg["split_seed"], "stratified": True,
                       "carved_from": "the CIFAR-10 training split (data.root/train); the test split was not used"},
         "recipe": {
-            "command": "python train.py " + " ".join(overrides),
+            "command": train_command(overrides, config),
             "config": repo_relative(config),
             "epochs": summary["epochs"],
             "wall_seconds": round(summary["wall_seconds"], 1),
@@ -202,7 +221,7 @@ def first_stage(weights: Path, hardware: str) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if (run / ".hydra" / "overrides.yaml").is_file() else []
     seconds = sum(logged_epoch_seconds(run))
-    return {"weights": repo_relative(str(weights)), "command": "python train.py " + " ".join(repo_relative(o) for o in overrides),
+    return {"weights": repo_relative(str(weights)), "command": train_command([repo_relative(o) for o in overrides], config),
             "epochs": int(load_checkpoint(str(weights))["epoch"]) + 1, "scheduled_epochs": config["trainer"]["max_epochs"],
             "train_seconds": round(seconds, 1), "hardware": hardware,
             "precision": config["trainer"].get("precision")}
