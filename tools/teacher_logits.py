@@ -9,7 +9,8 @@ The teacher is a shipped entry (`models.create_model(name, pretrained=True)`) or
 split (the data config's val_size/split_seed: validation images are never seen) in every view of the
 grid the fast loader then draws from: crop offsets on multiples of --step inside the
 data.augment.crop_padding pad, times both flips (pad 4, step 2: 5 x 5 x 2 = 50 views, about 50 MB of
-fp16 for CIFAR's 45,000 training images). Cost: one teacher forward per view per image, once.
+fp16 for CIFAR's 45,000 training images). Cost: one teacher forward per view per image, once, under
+bf16 autocast on a CPU that computes bf16 (as `precision=auto` trains there), else in float32.
 
 Writes `{"logits": fp16 (N_train, views, classes), "meta": {...}}` (torch.save, plain data) with the
 teacher's identity, the data fingerprint, split, padding, grid step, normalisation and the teacher's
