@@ -35,6 +35,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "cifar10.yam
 def data_config(root: str, cache_dir: str, loader: str, batch_size: int, workers: int) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=False)
     cfg.update(root=root, cache_dir=cache_dir, loader=loader, batch_size=batch_size, num_workers=workers)
+    cfg["progressive"] = {**cfg["progressive"], "min_size": None}  # both loaders at full size (torchvision's cannot resize)
     return cfg
 
 

@@ -194,6 +194,11 @@ def test_progressive_sizes_ramp_from_min_to_full_then_stay_full():
     assert [progressive_size(e, 10, 32, min_size=24, end=0.5, step=4) for e in range(10)] == [24, 24, 28, 28, 32] + [32] * 5
     assert {progressive_size(e, 10, 32, min_size=None) for e in range(10)} == {32}  # off
     assert progressive_size(0, 10, 32, min_size=20, step=8) == 24 and progressive_size(9, 10, 28, min_size=16, step=8) == 28
+    # the default (16 -> 32 at 3/4) on the schedules in use, and a short run's last epoch is always full size
+    assert [progressive_size(e, 15, 32, min_size=16) for e in range(15)] == [16] * 3 + [24] * 6 + [32] * 6  # docs/recipe.md
+    assert [progressive_size(e, 1, 32, min_size=16) for e in range(1)] == [32]
+    assert [progressive_size(e, 2, 32, min_size=16) for e in range(2)] == [16, 32]
+    assert [progressive_size(e, 3, 32, min_size=16) for e in range(3)] == [16, 24, 32]
 
 
 def test_progressive_loader_shrinks_the_same_views_and_leaves_evaluation_alone():
@@ -226,7 +231,7 @@ def test_progressive_needs_the_fast_loader_and_a_run_length(tmp_path, imagefolde
     cfg = data_cfg(imagefolder_root, tmp_path / "cache")
     with pytest.raises(ConfigError, match="data.loader=fast"):
         CifarDataModule({**cfg, "loader": "torchvision", "progressive": {"min_size": 16}}).check_progressive()
-    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+    with pytest.raises(ConfigError, match=r"set trainer.max_epochs \(not -1\), or add data.progressive.min_size=null"):
         DeviceBatchLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4), 2, [0.5] * 3, [0.5] * 3,
                           train=True, progressive={"min_size": 16}, max_epochs=-1)
 

@@ -72,10 +72,12 @@ def test_an_ab_second_seed_is_the_same_change_at_another_seed_and_the_families_k
         first, second = recipe(f"ab.resnet20.e15.{variant}"), recipe(f"ab.resnet20.e15.{variant}.s1")
         assert second == first + ["seed=1"] and not any(a.startswith("seed=") for a in first)
     # the A/Bs and the ablation keep the recipe they began with; the entries train the default
-    before = "optim.norm_lr_factor=1.0"
-    assert recipe("ab.resnet20.e15.base")[0] == before and recipe("ablation.mobilenet_v1.w0_5.full.s2")[0] == before
+    before = ["optim.norm_lr_factor=1.0", "data.progressive.min_size=null"]
+    for job in ("ab.resnet20.e15.base", "ablation.mobilenet_v1.w0_5.full.s2", "finish.mobilenet_v2"):
+        assert recipe(job)[:2] == before, job
     assert recipe("ab.resnet20.e15.norm_lr3")[-1] == "optim.norm_lr_factor=3"  # Hydra: the last value wins
-    assert not any(a.startswith("optim.norm_lr_factor") for a in recipe("resnet56"))
+    assert recipe("ab.resnet20.e15.prog16")[-1] == "data.progressive.min_size=16"
+    assert not any(a.startswith(("optim.norm_lr_factor", "data.progressive")) for a in recipe("resnet56"))
 
 
 @pytest.mark.slow

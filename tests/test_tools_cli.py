@@ -93,10 +93,14 @@ def test_a_second_stage_card_counts_both_stages(tmp_path):
     first = first_stage(run / "checkpoints" / "last.ckpt", "NVIDIA H200")
     assert first["epochs"] == 31 and first["scheduled_epochs"] == 46 and first["train_seconds"] == 53.0
     # a default changed since (CHANGED_DEFAULTS) is named at the value the run trained with, here the old one
-    assert first["command"] == "python train.py model=xception_small trainer.max_epochs=46 optim.norm_lr_factor=1.0"
+    assert first["command"] == ("python train.py model=xception_small trainer.max_epochs=46 optim.norm_lr_factor=1.0 "
+                                "data.progressive.min_size=null")
     assert first["hardware"] == "NVIDIA H200"
-    assert train_command(["model=resnet56"], {"optim": {"norm_lr_factor": 3.0}}) == "python train.py model=resnet56 optim.norm_lr_factor=3.0"
-    assert train_command(["optim.norm_lr_factor=2"], {"optim": {"norm_lr_factor": 2}}) == "python train.py optim.norm_lr_factor=2"
+    today = {"optim": {"norm_lr_factor": 3.0}, "data": {"progressive": {"min_size": 16}}}
+    assert train_command(["model=resnet56"], today) == ("python train.py model=resnet56 optim.norm_lr_factor=3.0 "
+                                                        "data.progressive.min_size=16")
+    assert train_command(["optim.norm_lr_factor=2", "data.progressive.min_size=24"], today) == (
+        "python train.py optim.norm_lr_factor=2 data.progressive.min_size=24")
     recipe = {"epochs": 4, "wall_seconds": 3600.0, "hardware": "a 2-core CPU", "started_from": first}
     assert total_budget(recipe) == ("31 + 4", 3653.0, "NVIDIA H200, then a 2-core CPU")
     assert total_budget(dict(recipe, started_from=None)) == ("4", 3600.0, "a 2-core CPU")

@@ -65,7 +65,7 @@ def test_default_recipe_is_the_documented_one():
     cfg = compose_config("train", [])
     assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
     assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_epochs > 0 and cfg.optim.label_smoothing > 0
-    assert cfg.optim.norm_lr_factor == 3.0  # the A/B winner (docs/recipe.md)
+    assert cfg.optim.norm_lr_factor == 3.0 and cfg.data.progressive.min_size == 16  # the A/B winners (docs/recipe.md)
     # OneCycleLR sets one lr for all groups, so choosing it sets the factor back to 1 rather than failing
     assert compose_config("train", ["optim/scheduler=onecycle"]).optim.norm_lr_factor == 1.0
     assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.flip and cfg.data.val_size == 5000
@@ -181,7 +181,12 @@ def test_ema_off_and_bad_decay(compose_train, tmp_path):
 
 
 def test_the_per_image_torchvision_loader_trains_too(compose_train):
-    summary = train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1"))
+    # it cannot resize progressively (the default): refused with both ways out, then trained at full size
+    with pytest.raises(ConfigError, match=r"data.progressive.min_size=16 \(the default recipe's\) but data.loader=torchvision"
+                                          r".*use data.loader=fast, or add data.progressive.min_size=null"):
+        train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1"))
+    summary = train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1",
+                                  "data.progressive.min_size=null"))
     assert summary["train_images"] == 60 and summary["best_val_acc"] is not None
 
 
@@ -215,7 +220,7 @@ def test_norm_lr_factor_scales_the_norms_and_biases_rate_all_run_long(compose_tr
 
 
 def test_progressive_resizing_trains_small_first_and_logs_each_epochs_side(compose_train, tmp_path):
-    train(compose_train("data.progressive.min_size=16", "data.progressive.end=0.5", "trainer.max_epochs=3"))
+    train(compose_train("data.progressive.end=0.5", "trainer.max_epochs=3"))  # from 16, the default
     sides = [float(r["train/image_size"]) for r in metrics_rows(tmp_path / "run") if r.get("train/image_size")]
     assert sides == [16.0, 24.0, 32.0]  # epoch 1 is halfway up the ramp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_val_acc"] >= 0  # validated at 32x32

@@ -75,7 +75,8 @@ def repo_relative(value):
 
 # Defaults of train.py that changed after some cards were trained, with the value they had before: a card's
 # command names them, so it trains today what it trained then (docs/recipe.md records each change).
-CHANGED_DEFAULTS = {"optim.norm_lr_factor": 1.0}  # 1.0 -> 3.0 on 2026-11-28
+CHANGED_DEFAULTS = {"optim.norm_lr_factor": 1.0,  # 1.0 -> 3.0 on 2026-11-28
+                    "data.progressive.min_size": None}  # null -> 16 on 2026-11-28
 
 
 def train_command(overrides: list[str], config: dict) -> str:
@@ -88,7 +89,8 @@ def train_command(overrides: list[str], config: dict) -> str:
             node = config
             for part in key.split("."):
                 node = node.get(part, {}) if isinstance(node, dict) else {}
-            pins.append(f"{key}={before if node == {} else node}")
+            value = before if node == {} else node
+            pins.append(f"{key}={'null' if value is None else value}")  # as Hydra reads it back
     return "python train.py " + " ".join(list(overrides) + pins)
 
 

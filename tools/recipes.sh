@@ -21,10 +21,11 @@ RECIPES=(
   "mobilenet_v3_large|model=mobilenet_v3_large trainer.max_epochs=60"
 )
 
-# RECIPE_BEFORE: the default recipe's one change since the ablation and the recipe A/Bs began, undone
-# (optim.norm_lr_factor 1 -> 3, adopted 2026-11-28 from the A/Bs below: docs/recipe.md). Both families
-# pin it, so every run of a family trains one recipe, whichever day it runs; the entries take the default.
-RECIPE_BEFORE="optim.norm_lr_factor=1.0"
+# RECIPE_BEFORE: the default recipe's changes since the ablation and the recipe A/Bs began, undone
+# (optim.norm_lr_factor 1 -> 3 and data.progressive.min_size null -> 16, both adopted 2026-11-28 from the
+# A/Bs below: docs/recipe.md). Both families and the finishing runs pin it, so every run of a family trains
+# one recipe, whichever day it runs; the entries take the default.
+RECIPE_BEFORE="optim.norm_lr_factor=1.0 data.progressive.min_size=null"
 
 ABLATION=()
 _ablation() {  # _ablation <model> <width> <epochs> <seeds> <modes...>
@@ -83,10 +84,10 @@ _ab_seed 1 ab.resnet20.e15.prog16 ab.resnet20.e15.prog16_e22
 # weights. Named finish.<entry>; they export as
 # <entry> (the card's notes say what ran where).
 FINISH=(
-  "finish.xception_small|model=xception_small init_weights=runs/gpu/xception_small/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=4"
-  "finish.mobilenet_v3_small|model=mobilenet_v3_small init_weights=runs/gpu/mobilenet_v3_small/checkpoints/last.ckpt optim.lr=0.058 optim.warmup_epochs=0 trainer.max_epochs=4"
-  "finish.mobilenet_v2|model=mobilenet_v2 init_weights=runs/gpu/mobilenet_v2/checkpoints/last.ckpt optim.lr=0.075 optim.warmup_epochs=0 trainer.max_epochs=4"
-  "finish.mobilenet_v3_large|model=mobilenet_v3_large init_weights=runs/gpu/mobilenet_v3_large/checkpoints/last.ckpt optim.lr=0.14 optim.warmup_epochs=0 trainer.max_epochs=6"
+  "finish.xception_small|$RECIPE_BEFORE model=xception_small init_weights=runs/gpu/xception_small/checkpoints/last.ckpt optim.lr=0.05 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v3_small|$RECIPE_BEFORE model=mobilenet_v3_small init_weights=runs/gpu/mobilenet_v3_small/checkpoints/last.ckpt optim.lr=0.058 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v2|$RECIPE_BEFORE model=mobilenet_v2 init_weights=runs/gpu/mobilenet_v2/checkpoints/last.ckpt optim.lr=0.075 optim.warmup_epochs=0 trainer.max_epochs=4"
+  "finish.mobilenet_v3_large|$RECIPE_BEFORE model=mobilenet_v3_large init_weights=runs/gpu/mobilenet_v3_large/checkpoints/last.ckpt optim.lr=0.14 optim.warmup_epochs=0 trainer.max_epochs=6"
 )
 
 # teacher_of <job>: the shipped entry whose cached logits the job reads (nothing when it distills nothing).

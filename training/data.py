@@ -401,11 +401,15 @@ def progressive_size(epoch: int, max_epochs: int, full: int, min_size: int | Non
                      start: float = 0.0, end: float = 0.75, step: int = 8) -> int:
     """The training image side at `epoch` (0-based) of a `max_epochs` run: `min_size` until
     `start * max_epochs`, `full` from `end * max_epochs` on, linear in between, rounded to the
-    nearest multiple of `step` (halves up) and kept within [min_size, full]. `min_size=None`: always `full`."""
+    nearest multiple of `step` (halves up) and kept within [min_size, full]. The last epoch is always
+    at `full` (a run of 1-3 epochs would otherwise validate at a size it never trained on).
+    `min_size=None`: always `full`."""
     if min_size is None or min_size >= full:
         return full
-    first, last = start * max_epochs, end * max_epochs
-    frac = 1.0 if epoch >= last else max(0.0, (epoch - first) / (last - first))
+    first, last = start * max_epochs, min(end * max_epochs, max_epochs - 1)
+    if epoch >= last:
+        return full
+    frac = 0.0 if epoch <= first else (epoch - first) / (last - first)
     side = math.floor((min_size + frac * (full - min_size)) / step + 0.5) * step  # halves round up
     return int(min(full, max(min_size, side)))
 
@@ -490,7 +494,8 @@ class DeviceBatchLoader:
         self.batch_sampler = None
         self.progressive = progressive if train else None
         if self.progressive is not None and (not max_epochs or max_epochs < 0):
-            raise ConfigError("progressive resizing needs the run's length: set trainer.max_epochs (not -1)")
+            raise ConfigError("progressive resizing (data.progressive, on by default) needs the run's length: set "
+                              "trainer.max_epochs (not -1), or add data.progressive.min_size=null to train at full size")
         self.max_epochs = max_epochs
 
     @property
@@ -711,8 +716,9 @@ class CifarDataModule(L.LightningDataModule):
         full = int(images.shape[-1]) if isinstance(images, torch.Tensor) else None
         schedule = check_progressive(self.cfg.get("progressive"), full=full)
         if schedule is not None and self.loader != "fast":
-            raise ConfigError(f"data.progressive.min_size is set but data.loader={self.loader}: progressive resizing "
-                              "resizes whole batches in the fast loader; use data.loader=fast")
+            raise ConfigError(f"data.progressive.min_size={schedule['min_size']} (the default recipe's) but "
+                              f"data.loader={self.loader}: progressive resizing resizes whole batches in the fast loader; "
+                              "use data.loader=fast, or add data.progressive.min_size=null to train at full size")
         return schedule
 
     @property
