@@ -4,7 +4,8 @@
 # mobilenet_v2.w0_5 gets 30: the ablation's identical GPU run reached 90.98% (floor 90.0) in 30 epochs,
 # and 30 more would cost this CPU about 1.5 hours (docs/recipe.md). mobilenet_v1 gets 60: its width-0.5
 # ablation runs at 30 epochs reached 90.76% as `full` but 86.90% as `separable` (the entry's mode), so
-# the 40 a width-0.5 `full` run suggested would likely stop short of the 90.0 floor.
+# the 40 a width-0.5 `full` run suggested would likely stop short of the 90.0 floor. resnet38_bottleneck and
+# resnet56 keep the epochs set before progressive resizing became the default (it costs them about 3/4 of the time).
 # ABLATION: the conv_mode ablation's runs (docs/ablation.md), named ablation.<model>.<width>.<mode>.s<seed>;
 # the same recipe at the ablation's width and 30 epochs, measured into docs/ablation/results.csv.
 # shellcheck disable=SC2034
