@@ -228,6 +228,15 @@ def test_progressive_resizing_trains_small_first_and_logs_each_epochs_side(compo
         train(compose_train("data.progressive.min_size=4"))
 
 
+def test_progressive_resizing_follows_the_schedules_length_like_the_learning_rate(compose_train, tmp_path):
+    # one epoch of a 3-epoch schedule (optim.epochs) is that schedule's first epoch, at 16x16; a 1-epoch
+    # run is its own last epoch, at full size
+    for overrides, side in ((["optim.epochs=3"], 16.0), ([], 32.0)):
+        run = tmp_path / f"run{len(overrides)}"
+        train(compose_train("trainer.max_epochs=1", f"run_dir={run}", f"hydra.run.dir={run}", *overrides))
+        assert [float(r["train/image_size"]) for r in metrics_rows(run) if r.get("train/image_size")] == [side]
+
+
 # -- exact resume -------------------------------------------------------------------------------
 
 

@@ -649,12 +649,16 @@ class CifarDataModule(L.LightningDataModule):
     """Train/val (carved from train) and test (when the source has one) for CIFAR-style data.
 
     `test_split` is what the test stage (`trainer.test`, eval.py) reads: "test", "val", or "auto"
-    (the test split when the source has one, else validation).
+    (the test split when the source has one, else validation). `schedule_epochs`: the length of the
+    run's schedule (optim.epochs; default trainer.max_epochs), which progressive resizing follows as
+    the learning rate does, so a run stopped early and resumed sees the sizes of one that ran through.
     """
 
-    def __init__(self, data_cfg: dict, seed: int = 0, test_split: str = "auto", distill: dict | None = None):
+    def __init__(self, data_cfg: dict, seed: int = 0, test_split: str = "auto", distill: dict | None = None,
+                 schedule_epochs: int | None = None):
         super().__init__()
         self.cfg = dict(data_cfg)
+        self.schedule_epochs = schedule_epochs
         self.distill_path = (distill or {}).get("logits")
         self.teacher: dict | None = None  # the read and checked distill.logits file
         self.seed = int(seed)
@@ -809,7 +813,7 @@ class CifarDataModule(L.LightningDataModule):
                                      teacher=teacher["logits"] if teacher else None,
                                      grid_step=teacher["meta"]["grid_step"] if teacher else int(aug.get("crop_step", 1)),
                                      progressive=self.check_progressive() if train else None,
-                                     max_epochs=self.trainer.max_epochs if self.trainer is not None else None)
+                                     max_epochs=self.schedule_epochs or (self.trainer.max_epochs if self.trainer else None))
         size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
         dataset = PerImageDataset(items, labels, per_image_transform(self.mean, self.std, train, pad, flip, size))
         workers = int(self.cfg.get("num_workers", 2))

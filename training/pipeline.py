@@ -184,7 +184,8 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     set_cpu_threads(config)
 
     # Everything a user can get wrong is checked before the first step: data, model, checkpoint.
-    datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"))
+    datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"),
+                                 schedule_epochs=(config.get("optim") or {}).get("epochs"))
     datamodule.locate()
     teacher = datamodule.check_teacher()
     datamodule.check_progressive()
