@@ -182,7 +182,7 @@ def test_ema_off_and_bad_decay(compose_train, tmp_path):
 
 def test_the_per_image_torchvision_loader_trains_too(compose_train):
     # it cannot resize progressively (the default): refused with both ways out, then trained at full size
-    with pytest.raises(ConfigError, match=r"data.progressive.min_size=16 \(the default recipe's\) but data.loader=torchvision"
+    with pytest.raises(ConfigError, match=r"data.progressive.min_size=16 \(progressive resizing is on by default\) but data.loader=torchvision"
                                           r".*use data.loader=fast, or add data.progressive.min_size=null"):
         train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1"))
     summary = train(compose_train("data.loader=torchvision", "data.num_workers=0", "trainer.max_epochs=1",

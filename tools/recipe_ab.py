@@ -73,7 +73,7 @@ def load_runs(folders: list[Path]) -> list[dict]:
 
 
 def _change(run: dict, base: dict | None) -> list[str]:
-    """`key=value` for each recipe key where run differs from base (all of them but none without a base)."""
+    """`key=value` for each recipe key where run differs from base (nothing when there is no base)."""
     if base is None:
         return []
     keys = sorted(k for k in run["recipe"].keys() | base["recipe"].keys() if run["recipe"].get(k) != base["recipe"].get(k))

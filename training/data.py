@@ -720,7 +720,7 @@ class CifarDataModule(L.LightningDataModule):
         full = int(images.shape[-1]) if isinstance(images, torch.Tensor) else None
         schedule = check_progressive(self.cfg.get("progressive"), full=full)
         if schedule is not None and self.loader != "fast":
-            raise ConfigError(f"data.progressive.min_size={schedule['min_size']} (the default recipe's) but "
+            raise ConfigError(f"data.progressive.min_size={schedule['min_size']} (progressive resizing is on by default) but "
                               f"data.loader={self.loader}: progressive resizing resizes whole batches in the fast loader; "
                               "use data.loader=fast, or add data.progressive.min_size=null to train at full size")
         return schedule
