@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import md_table
+from tools.ablation.runs import flatten_config
 
 NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
 RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision")
@@ -39,19 +40,10 @@ NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers"
               "distill.teacher", "optim.optimizer.", "optim.scheduler.")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def recipe(config: dict) -> dict:
     """The keys of a resolved run config that shape training, flattened (`optim.lr`: 0.2, ...)."""
-    flat = {k: v for k, v in _flat(config).items() if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE)}
+    flat = {k: v for k, v in flatten_config(config).items()
+            if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE) and v != {}}  # model.kwargs: {} sets nothing
     if flat.get("optim.epochs") == flat.get("trainer.max_epochs"):
         flat.pop("optim.epochs", None)  # the schedule's length follows the epochs unless set apart
     return flat

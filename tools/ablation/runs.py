@@ -91,12 +91,13 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
     return runs
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"dotted.key": value}; an empty mapping stays a value."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -115,7 +116,7 @@ def recipe_differences(runs: Sequence[Run]) -> dict[str, list]:
     for run in runs:
         by_model.setdefault(str(run.model_cfg.get("name")), []).append(run)
     for members in by_model.values():
-        flats = [{k: in_run(v, str(r.config.get("run_dir") or "")) for k, v in _flatten(r.config).items()} for r in members]
+        flats = [{k: in_run(v, str(r.config.get("run_dir") or "")) for k, v in flatten_config(r.config).items()} for r in members]
         for key in sorted(set().union(*flats)):
             if any(key == a or key.startswith(a + ".") for a in ABLATED):
                 continue
