@@ -125,6 +125,22 @@ def test_seeds_stay_rows_append_replaces_and_recipe_differences_are_flagged(tmp_
     assert not list(out.glob("*.png"))
 
 
+def test_a_key_added_to_the_config_later_is_not_a_recipe_difference(tmp_path, capsys):
+    # data.progressive.from_weights came after the first rows; what it does shows in min_size
+    fake_run(tmp_path / "sweep" / "0", "separable", seed=0)
+    fake_run(tmp_path / "sweep" / "1", "full", seed=0)
+    later = tmp_path / "sweep" / "1" / "config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(later))
+    config["data"]["progressive"] = {"from_weights": False}
+    later.write_text(OmegaConf.to_yaml(config))
+    assert main(["measure", str(tmp_path / "sweep"), "--append", str(tmp_path / "r.csv"), "--no-latency"]) == 0
+    assert "the runs differ" not in capsys.readouterr().err
+    config["data"]["progressive"]["min_size"] = 16  # what it records is a difference
+    later.write_text(OmegaConf.to_yaml(config))
+    assert main(["measure", str(tmp_path / "sweep"), "--append", str(tmp_path / "r.csv"), "--no-latency"]) == 0
+    assert "warning: the runs differ" in capsys.readouterr().err
+
+
 def test_report_from_a_csv_alone_spans_families(tmp_path):
     def row(model, mode, seed, acc, width=1.0, macs=10e6, latency=1.0, note="", cpu="Xeon, torch 2, 2026-11-27"):
         return {"model": model, "width": width, "stem": "cifar", "conv_mode": mode, "epochs": 100, "seed": seed,

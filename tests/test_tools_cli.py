@@ -180,7 +180,7 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
 
     run("ab.resnet20.e15.base", 0.9000)
     run("ab.resnet20.e15.base.s1", 0.8960, root="/elsewhere/cifar10")  # a second seed of base, data read from elsewhere
-    run("ab.resnet20.e15.linear", 0.9025, "optim.schedule=linear")
+    run("ab.resnet20.e15.linear", 0.9025, "optim.schedule=linear", "data.progressive.from_weights=false")  # a later key
     run("ab.resnet20.e15.ls0_2", 0.8990, "optim.label_smoothing=0.2")
     run("ab.resnet20.e15.ls0_2.s1", 0.9010, "optim.norm_lr_factor=1.0", "optim.label_smoothing=0.2")  # pins base's value
     run("ab.resnet20.e15.bs128", 0.9040, "data.batch_size=128", "optim.lr=0.1")

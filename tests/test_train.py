@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
 import torch
 from hydra.errors import MissingConfigException
 
@@ -235,6 +236,19 @@ def test_progressive_resizing_follows_the_schedules_length_like_the_learning_rat
         run = tmp_path / f"run{len(overrides)}"
         train(compose_train("trainer.max_epochs=1", f"run_dir={run}", f"hydra.run.dir={run}", *overrides))
         assert [float(r["train/image_size"]) for r in metrics_rows(run) if r.get("train/image_size")] == [side]
+
+
+def test_a_run_from_trained_weights_trains_at_full_size_unless_asked(compose_train, tmp_path):
+    # the ramp is a from-scratch schedule: a fine-tune's first epoch of a 3-epoch schedule stays at 32x32
+    # (and config.yaml records it off), unless data.progressive.from_weights=true keeps it
+    first = tmp_path / "first"
+    train(compose_train("trainer.max_epochs=1", run_dir=first))
+    weights = first / "checkpoints" / "last.ckpt"
+    for extra, side, min_size in (([], 32.0, None), (["data.progressive.from_weights=true"], 16.0, 16)):
+        run = tmp_path / f"tune{len(extra)}"
+        train(compose_train("trainer.max_epochs=1", "optim.epochs=3", f"init_weights={weights}", *extra, run_dir=run))
+        assert [float(r["train/image_size"]) for r in metrics_rows(run) if r.get("train/image_size")] == [side]
+        assert yaml.safe_load((run / "config.yaml").read_text())["data"]["progressive"]["min_size"] == min_size
 
 
 # -- exact resume -------------------------------------------------------------------------------

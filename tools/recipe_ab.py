@@ -30,14 +30,14 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import md_table
-from tools.ablation.runs import flatten_config
+from tools.ablation.runs import RECORDED_ELSEWHERE, flatten_config
 
 NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
 RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision")
 # under those, what does not change what is trained: where files are, how they are read, the teacher's
 # identity (distill.logits names it), and optim's Hydra targets (built from its plain keys)
 NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers", "data.eval_batch_size",
-              "distill.teacher", "optim.optimizer.", "optim.scheduler.")
+              "distill.teacher", "optim.optimizer.", "optim.scheduler.", *RECORDED_ELSEWHERE)
 
 
 def recipe(config: dict) -> dict:

@@ -171,6 +171,21 @@ def _checkpoint_epoch(path: str) -> int | None:
         return None
 
 
+def full_size_from_weights(config: dict) -> None:
+    """Turn data.progressive off (in `config`) for a run that starts from trained weights
+    (pretrained, init_weights, qat), unless data.progressive.from_weights=true: the ramp is a
+    from-scratch schedule, and a fine-tune's first epochs on 16x16 images would move the norms'
+    statistics (and QAT's activation ranges) away from the size the weights were trained and are
+    used at. Done before config.yaml is written, so the run records the recipe it trained."""
+    progressive = (config.get("data") or {}).get("progressive") or {}
+    starts_from = [key for key in ("pretrained", "init_weights", "qat") if config.get(key)]
+    if progressive.get("min_size") is None or progressive.get("from_weights") or not starts_from:
+        return
+    log.info("progressive resizing off: this run starts from trained weights (%s), so it trains at full size "
+             "throughout (data.progressive.from_weights=true keeps the ramp)", ", ".join(starts_from))
+    progressive["min_size"] = None
+
+
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`, then test the best checkpoint; returns the summary.
 
@@ -182,6 +197,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
     set_cpu_threads(config)
+    full_size_from_weights(config)
 
     # Everything a user can get wrong is checked before the first step: data, model, checkpoint.
     datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"),

@@ -16,6 +16,9 @@ MODES = models.ConvMode.MODES
 # width (an equal-cost row widens the separable net), where the run lives and the seed; anything
 # else differing means the recipes differ.
 ABLATED = ("model.conv_mode", "model.kwargs.pointwise_kernel_size", "model.width", "seed", "run_dir", "ckpt_path")
+# Config keys whose effect a run's config.yaml already records elsewhere, so runs written before the key
+# existed and after do not differ by it: a run from trained weights has data.progressive.min_size null.
+RECORDED_ELSEWHERE = ("data.progressive.from_weights",)
 
 
 @dataclass
@@ -118,7 +121,7 @@ def recipe_differences(runs: Sequence[Run]) -> dict[str, list]:
     for members in by_model.values():
         flats = [{k: in_run(v, str(r.config.get("run_dir") or "")) for k, v in flatten_config(r.config).items()} for r in members]
         for key in sorted(set().union(*flats)):
-            if any(key == a or key.startswith(a + ".") for a in ABLATED):
+            if key in RECORDED_ELSEWHERE or any(key == a or key.startswith(a + ".") for a in ABLATED):
                 continue
             values = {repr(f.get(key, "<unset>")) for f in flats}
             if len(values) > 1:
