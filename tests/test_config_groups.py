@@ -85,7 +85,7 @@ def test_adamw_with_another_schedule_is_config_only_and_trains(compose_train, tm
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     sched = ckpt["lr_schedulers"][0]
     assert sched["total_steps"] == 8 and sched["last_epoch"] == 8  # 2 epochs x 4 steps, one step per batch
-    assert summary["best_val_acc"] is not None
+    assert 0 <= summary["best_val_acc"] <= 1
 
 
 def test_loggers_are_a_list_of_choices(tmp_path):

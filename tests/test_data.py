@@ -207,13 +207,15 @@ def test_progressive_loader_shrinks_the_same_views_and_leaves_evaluation_alone()
     make = lambda **kw: DeviceBatchLoader(images, torch.arange(20), 8, [0.5] * 3, [0.5] * 3, train=True, seed=3, **kw)
     small, full = make(progressive=schedule, max_epochs=4), make()
     assert small.image_size == 16 and full.image_size == 32
-    for (xs, ys), (xf, yf) in zip(_epoch(small, 0), _epoch(full, 0)):
+    first_small, first_full = _epoch(small, 0), _epoch(full, 0)
+    assert len(first_small) == len(first_full) == 3
+    for (xs, ys), (xf, yf) in zip(first_small, first_full):
         # the same images, crops and flips as without resizing, each whole view shrunk to 16x16
         assert xs.shape[-2:] == (16, 16) and torch.equal(ys, yf)
         assert torch.allclose(xs, torch.nn.functional.interpolate(xf, size=(16, 16), mode="bilinear", antialias=True), atol=1e-6)
     assert [x.shape[-1] for x, _ in _epoch(small, 1)] == [24] * 3 and small.image_size == 24
-    late = _epoch(small, 2)
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(late, _epoch(full, 2)))  # full size: bit-identical
+    late, late_full = _epoch(small, 2), _epoch(full, 2)
+    assert len(late) == len(late_full) == 3 and all(torch.equal(a, b) for (a, _), (b, _) in zip(late, late_full))  # full size: bit-identical
     evaluation = DeviceBatchLoader(images, torch.arange(20), 8, [0.5] * 3, [0.5] * 3, train=False, progressive=schedule, max_epochs=4)
     assert {x.shape[-1] for x, _ in evaluation} == {32}
 

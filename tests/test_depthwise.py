@@ -102,9 +102,10 @@ def test_uncovered_cases_run_the_plain_conv(case, monkeypatch):
     monkeypatch.setattr(depthwise._DepthwiseConv, "apply", lambda *a: pytest.fail("the kernel ran"))
     if case == "autocast":  # a stride-1 3x3 conv on an 8x8 map: the measured rule leaves it to bf16 (oneDNN)
         monkeypatch.setattr(depthwise, "kernels_win", MEASURED_RULE)
-    with context:
+    with context:  # the plain conv's result in the same context (under autocast: bf16, as oneDNN computes it)
         y = depthwise.depthwise_conv2d(x, conv)
-    assert torch.equal(y, conv(x)) if case not in ("autocast", "flop counter") else y.shape == conv(x).shape
+        ref = conv(x)
+    assert torch.equal(y, ref) and y.dtype == (torch.bfloat16 if case == "autocast" else torch.float32)
 
 
 def test_flop_counts_do_not_change_when_training():

@@ -136,19 +136,24 @@ def test_the_loader_draws_on_the_grid_and_serves_each_samples_view():
             crop = F.pad(images[i], (PAD,) * 4)[:, views[v][1]:views[v][1] + 8, views[v][0]:views[v][0] + 8]
             assert torch.equal(x[j], (crop.flip(-1) if views[v][2] else crop).float())
         seen += len(x)
+    assert seen == n  # every image served once, so every row above was checked
     assert torch.equal(view_ids(dx, dy, flip, PAD, STEP), torch.tensor([views.index((int(a), int(b), bool(c))) for a, b, c in zip(dx, dy, flip)]))
 
     # a resumed run's fresh loader at the same epoch serves the same batches: draws are (seed, epoch) only
     again = DeviceBatchLoader(images, torch.zeros(n, dtype=torch.long), 5, [0.0] * 3, [1 / 255] * 3, train=True,
                               seed=3, crop_padding=PAD, teacher=teacher, grid_step=STEP)
     again.sampler.set_epoch(2)
-    assert all(torch.equal(a, b) for first, second in zip(loader, again) for a, b in zip(first, second))
+    batches, batches_again = list(loader), list(again)
+    assert len(batches) == len(batches_again) > 0 and all(len(a) == len(b) == 3 for a, b in zip(batches, batches_again))
+    assert all(torch.equal(a, b) for first, second in zip(batches, batches_again) for a, b in zip(first, second))
 
     # data.augment.crop_step alone (a distillation A/B's control): the same crops, no teacher rows
     control = DeviceBatchLoader(images, torch.zeros(n, dtype=torch.long), 5, [0.0] * 3, [1 / 255] * 3, train=True,
                                 seed=3, crop_padding=PAD, grid_step=STEP)
     control.sampler.set_epoch(2)
-    assert all(len(c) == 2 and torch.equal(c[0], t[0]) for c, t in zip(control, loader))
+    control_batches = list(control)
+    assert len(control_batches) == len(batches)
+    assert all(len(c) == 2 and torch.equal(c[0], t[0]) for c, t in zip(control_batches, batches))
 
 
 def test_without_a_teacher_the_draws_are_the_ones_runs_before_the_grid_made():

@@ -42,11 +42,28 @@ def test_eval_reports_test_split_metrics_and_writes_the_confusion_matrix(trained
 
 
 def test_eval_tta_averages_the_mirror(trained_run, tmp_path):
+    from training.checkpoints import model_state_dict
+    from training.data import CifarDataModule
+    from training.module import ClassifierModule
+
     ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
-    plain = run_eval(tmp_path, ckpt)
-    tta = run_eval(tmp_path, ckpt, "eval.tta=true")
+    plain = run_eval(tmp_path, ckpt, "trainer.precision=32-true")
+    tta = run_eval(tmp_path, ckpt, "trainer.precision=32-true", "eval.tta=true")
     assert tta["tta"] and not plain["tta"]
-    assert tta["loss"] != plain["loss"]  # the mirrored views change the predictions
+    # the same numbers by hand: each test image's class probabilities averaged with its mirror's
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), ckpt]
+    config, checkpoint = eval_config(compose_config("eval", overrides), overrides)
+    module = ClassifierModule(config).eval()
+    module.model.load_state_dict(model_state_dict(checkpoint))
+    data = CifarDataModule(config["data"], seed=config["seed"], test_split="test")
+    data.setup("test")
+    with torch.no_grad():
+        pairs = [((module(x).softmax(-1) + module(x.flip(-1)).softmax(-1)) / 2, y) for x, y in data.test_dataloader()]
+    probs, labels = torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
+    assert len(labels) == tta["num_images"] == 40
+    assert tta["loss"] == pytest.approx(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item(), rel=1e-4)
+    assert tta["top1"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    assert tta["loss"] != pytest.approx(plain["loss"], rel=1e-4)  # the mirrored views change the predictions
 
 
 def test_eval_uses_the_runs_validation_split_when_there_is_no_test(compose_train, tmp_path):

@@ -242,6 +242,7 @@ def test_widths_forward_backward(name, width):
     y = model(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10)
     y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_width_scales_channels_by_multiples_of_8():

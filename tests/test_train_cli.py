@@ -103,7 +103,7 @@ def test_a_killed_run_resumed_ends_like_one_that_ran_through(tmp_path, imagefold
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert a["best_val_acc"] == b["best_val_acc"] and a["best_epoch"] == b["best_epoch"]
     wa, wb = (load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, killed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resume_without_run_dir_goes_back_into_the_checkpoints_run(tmp_path, imagefolder_root):

@@ -37,12 +37,14 @@ def test_forward_backward(name, stem, width):
 
 @pytest.mark.parametrize("name", list_models())
 def test_width_one_cifar_channels_last(name):
-    model = create_model(name).eval().to(memory_format=torch.channels_last)
+    model = create_model(name).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ref = model(x)
-        out = model(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        ref = model(x)  # NCHW weights and input: the reference
+        model = model.to(memory_format=torch.channels_last)
+        outs = [model(x), model(x.to(memory_format=torch.channels_last))]
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list_models())
