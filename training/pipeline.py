@@ -187,7 +187,7 @@ def full_size_from_weights(config: dict) -> None:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Train `cfg.model` on `cfg.data`, then test the best checkpoint; returns the summary.
+    """Train `cfg.model` on `cfg.data`, then test the final weights (their EMA); returns the summary.
 
     `callbacks` are extra Lightning callbacks (tests use them to inject faults).
     """
