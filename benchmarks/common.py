@@ -126,7 +126,8 @@ def measure_peaks(dtype: torch.dtype = torch.float32, copy_mb: int = 256, repeat
 
     Peak FLOP/s is the best of three compute-bound kernels, each sample a single call of a few
     milliseconds (short enough that some samples fall between other tenants' time slices):
-    torch.mm of 512 x 512 matrices (MKL -- on AMD CPUs MKL takes its AVX2 path for float32),
+    torch.mm of 1024 x 1024 matrices (MKL -- on AMD CPUs MKL takes its AVX2 path for float32; in bf16
+    with AMX a 512 x 512 one is too short to reach the peak),
     a 1x1 convolution 512 -> 512 channels on a 32x32 channels-last map and a 3x3 convolution
     128 -> 128 channels on 28x28 (both oneDNN, AVX-512). Bandwidth: copying a `copy_mb` MiB
     float32 tensor into a preallocated one (bytes = read + write). All are the best sample, not
@@ -136,8 +137,8 @@ def measure_peaks(dtype: torch.dtype = torch.float32, copy_mb: int = 256, repeat
     import torch.nn.functional as F
 
     cl = torch.channels_last
-    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-    c = torch.empty(512, 512, dtype=dtype)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    c = torch.empty(1024, 1024, dtype=dtype)
     x1 = torch.randn(1, 512, 32, 32, dtype=dtype).contiguous(memory_format=cl)
     w1 = torch.randn(512, 512, 1, 1, dtype=dtype)
     x3 = torch.randn(1, 128, 28, 28, dtype=dtype).contiguous(memory_format=cl)
@@ -157,7 +158,7 @@ def measure_peaks(dtype: torch.dtype = torch.float32, copy_mb: int = 256, repeat
             warmup=3,
             min_sample_s=0,
         )
-    mkl = 2 * 512**3 / t["gemm"].best / 1e9
+    mkl = 2 * 1024**3 / t["gemm"].best / 1e9
     onednn = max(2 * 512 * 512 * 32 * 32 / t["conv1x1"].best, 2 * 128 * 128 * 9 * 28 * 28 / t["conv3x3"].best) / 1e9
     nbytes = 2 * src.numel() * src.element_size()
     return {

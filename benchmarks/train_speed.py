@@ -842,10 +842,13 @@ def step_traffic(model: nn.Module, batch: int, settings: Settings = DEFAULT) -> 
 
 def roofline(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: int = 1, log=None) -> tuple[dict, list[dict]]:
     """Part 4: each model's measured step time against its floor max(FLOPs / peak FLOP/s,
-    bytes / bandwidth), with this machine's peaks measured before and after the timing."""
+    bytes / bandwidth), with this machine's peaks measured before and after the timing. The peak is
+    measured in the dtype the default settings compute in (bf16 under autocast: with AMX about 6x
+    the float32 peak, so a float32 peak would put a bf16 step's compute floor far too high)."""
     from benchmarks.common import measure_peaks, merge_peaks
 
-    peaks_start = measure_peaks()
+    dtype = DEFAULT.amp_dtype or torch.float32
+    peaks_start = measure_peaks(dtype)
     fns, traffic = {}, {}
     for name in names:
         torch.manual_seed(0)
@@ -853,7 +856,7 @@ def roofline(names: list[str], batch: int, rounds: int, warmup: int = 1, steps: 
         traffic[name] = step_traffic(model, batch)
         fns[name] = TrainStep(model, DEFAULT, batch)
     timings = bench(fns, repeats=rounds, warmup=warmup, inner=steps, on_round=round_logger(log))
-    peaks = merge_peaks(peaks_start, measure_peaks())
+    peaks = merge_peaks(peaks_start, measure_peaks(dtype))
     rows = []
     for name in names:
         flops, nbytes, t = traffic[name]["flops"], traffic[name]["bytes"], timings[name].median

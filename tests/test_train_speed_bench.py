@@ -85,6 +85,7 @@ def test_step_traffic_counts_forward_and_backward_flops():
 def test_roofline_rows():
     peaks, rows = ts.roofline(["resnet20"], batch=2, rounds=1, warmup=0)
     assert peaks["peak_gflops"] > 0 and peaks["bw_gbs"] > 0
+    assert peaks["dtype"] == str(ts.DEFAULT.amp_dtype or torch.float32).replace("torch.", "")  # the step's compute dtype
     assert rows[0]["x_floor"] > 0 and rows[0]["bound"] in ("compute", "memory")
 
 
