@@ -1,4 +1,4 @@
-"""Train a zoo model on CIFAR, then test its best checkpoint.
+"""Train a zoo model on CIFAR, then test its final weights (their EMA) where the data has a test split.
 
     python train.py model=mobilenet_v2 data=cifar10
     python train.py model=resnet20 data.root=../shared/data/cifar10 trainer.max_epochs=10

@@ -63,7 +63,7 @@ def run_entry(entry: str, args, calib: torch.Tensor | None, val) -> dict:
     q32 = models.quantize(model, calib, **options)
     row = {"entry": entry, "method": options.get("method") or models.int8.default_method(model),
            "weight_type": options.get("weight_type") or models.int8.default_weight_type(model),
-           "float_layers": options.get("float_layers", "first"), "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
+           "float_layers": options.get("float_layers", models.int8.DEFAULT_FLOAT_LAYERS), "float32_bytes": sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
            "int8_bytes": q32.size_bytes}
     for batch, size in [] if args.accuracy_only else SHAPES:
         x = torch.randn(batch, 3, size, size)

@@ -16,7 +16,8 @@ the box):
   default: `trainer.precision=auto` -- bf16 autocast on a CPU that computes bf16 natively
            (AVX512-BF16/AMX), float32 otherwise; model and input channels-last
            (`channels_last=true`), the optimizer over `training.module.param_groups` (weight decay
-           5e-4 on conv/linear weights only);
+           5e-4 on conv/linear weights only, norms and biases at 3x the learning rate), its
+           settings read from configs/optim/sgd.yaml;
   plain:   float32, NCHW, the optimizer over `model.parameters()` with weight decay 5e-4 on all.
 Both use lr 0.02 (the recipe's first warm-up step: peak 0.2 x warm-up start factor 0.1), so the
 weights stay finite over the run.
@@ -90,6 +91,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import models
 from benchmarks.common import Timing, bench, machine_info, md_table, paired_ratio, write_csv
@@ -98,10 +100,13 @@ from training.module import param_groups
 from training.pipeline import native_bf16_cpu
 
 CIFAR_PARAMS = 2_236_682  # zoo mobilenet_v2, cifar stem, 10 classes (README)
-LR = 0.02  # configs/optim/sgd.yaml: lr 0.2 x warmup_start_factor 0.1
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-LABEL_SMOOTHING = 0.1
+# the recipe's optimizer settings, read from the config train.py trains with rather than copied
+_SGD = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "optim" / "sgd.yaml")
+LR = _SGD.lr * _SGD.warmup_start_factor  # the recipe's first warm-up step (0.2 x 0.1): weights stay finite
+MOMENTUM = _SGD.momentum
+WEIGHT_DECAY = _SGD.weight_decay
+NORM_LR_FACTOR = _SGD.norm_lr_factor  # the norms' and biases' rate, as train.py's param groups set it
+LABEL_SMOOTHING = _SGD.label_smoothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +231,7 @@ def check_twin(tv: nn.Module, zoo: nn.Module) -> dict:
 
 
 def make_optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
-    params = param_groups(model, WEIGHT_DECAY) if settings.param_groups else model.parameters()
+    params = param_groups(model, WEIGHT_DECAY, LR, NORM_LR_FACTOR) if settings.param_groups else model.parameters()
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
 
 

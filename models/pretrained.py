@@ -24,9 +24,10 @@ import torch.nn as nn
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 from ._loader import CheckpointLoadError, cast_like, load_state_dict_file, state_dict_mismatches
+from .int8 import DEFAULT_WEIGHT_TYPE
 
 __all__ = [
-    "list_pretrained", "pretrained_meta", "pretrained_transforms", "pretrained_cfg", "PretrainedMeta",
+    "list_pretrained", "pretrained_meta", "pretrained_transforms", "PretrainedMeta",
     "resolve_entry", "create_pretrained", "load_weights_file", "load_into", "sha256_of", "WEIGHTS_DIR",
 ]  # fmt: skip
 
@@ -42,11 +43,6 @@ class PretrainedMeta(dict):
     def transforms(self):
         """The card's eval transform (see `pretrained_transforms`)."""
         return _transforms(self)
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        """The card's data config in timm's `pretrained_cfg` keys (see `pretrained_cfg`)."""
-        return _cfg_from_card(self)
 
 
 def list_pretrained() -> list[str]:
@@ -82,16 +78,9 @@ def _cfg_from_card(meta: dict) -> dict:
         "dataset": meta.get("dataset"),
         # how models.quantize calibrates and stores these weights when not told (the card's measured
         # choice, docs/int8.md; a card without a weight type was measured with int8 weights)
-        **({"int8_method": meta["int8"]["method"], "int8_weight_type": meta["int8"].get("weight_type", "int8")}
+        **({"int8_method": meta["int8"]["method"], "int8_weight_type": meta["int8"].get("weight_type", DEFAULT_WEIGHT_TYPE)}
            if meta.get("int8") else {}),
     }
-
-
-def pretrained_cfg(entry: str) -> dict:
-    """An entry's data config in timm's `pretrained_cfg` keys (input_size, mean, std,
-    interpolation, crop_pct, ...), from its card; `create_model(entry, pretrained=True)` sets it
-    on the model, where `timm.data.resolve_data_config(model=m)` reads it."""
-    return _cfg_from_card(pretrained_meta(entry))
 
 
 def pretrained_transforms(entry: str):

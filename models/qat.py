@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .int8 import FLOAT_LAYERS
+from .int8 import DEFAULT_FLOAT_LAYERS, FLOAT_LAYERS
 
 WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127] (onnxruntime's symmetric int8 range)
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
@@ -87,7 +87,7 @@ class QATSimulator(nn.Module):
     in float. Call it as `simulator(model, x)`; the model is not a submodule, so neither module's
     state_dict holds the other's tensors."""
 
-    def __init__(self, model: nn.Module, float_layers: str | None = "first", momentum: float = 0.01):
+    def __init__(self, model: nn.Module, float_layers: str | None = DEFAULT_FLOAT_LAYERS, momentum: float = 0.01):
         super().__init__()
         if float_layers not in FLOAT_LAYERS:
             raise ValueError(f"float_layers={float_layers!r}: choose None, 'first', 'last' or 'ends'")
@@ -144,7 +144,7 @@ class QATSimulator(nn.Module):
         return f"layers={len(self.layer_names)}, float_layers={self.float_layers!r}"
 
 
-def prepare_qat(model: nn.Module, float_layers: str | None = "first", momentum: float = 0.01) -> QATSimulator:
+def prepare_qat(model: nn.Module, float_layers: str | None = DEFAULT_FLOAT_LAYERS, momentum: float = 0.01) -> QATSimulator:
     """A `QATSimulator` for `model` (see the module docstring): fine-tune with
     `loss(simulator(model, x), y)` in place of `loss(model(x), y)`, keep `simulator.train()`/`.eval()`
     in step with the model, then `models.quantize(model, calibration, float_layers=...)` with the

@@ -210,3 +210,28 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
     assert "ab.resnet20.e15.grid2.s1 trained another recipe than" in err and "data.augment.crop_step=4" in err
     assert recipe_ab.main(["report", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_card_eval_command_resolves_to_its_own_entry():
+    """verify_pretrained runs each card's eval_command: the command must name the build that
+    `pretrained=true` resolves, conv_mode and stem included where they are not the defaults."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from tools.export_weights import card_eval_command
+
+    full = card_eval_command({"name": "mobilenet_v1", "width": 0.5, "stem": "cifar", "conv_mode": "full"}, "d")
+    plain = card_eval_command({"name": "resnet20", "width": 1.0, "stem": "cifar", "conv_mode": "separable"}, "d")
+    assert "model.stem" not in plain and "model.conv_mode" not in plain  # the shipped entries' short form
+    argv = shlex.split(full)
+    assert argv[:2] == ["python", "eval.py"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=argv[2:])
+    assert (cfg.model.name, cfg.model.width, cfg.model.stem, cfg.model.conv_mode) == ("mobilenet_v1", 0.5, "cifar", "full")
+    assert cfg.pretrained is True and cfg.data.root == "d" and cfg.trainer.precision == "32-true"
+    # every shipped card's command is the one this function builds from the card's own recipe
+    for card_path in sorted((REPO / "models" / "weights").glob("*.json")):
+        card = json.loads(card_path.read_text())
+        config = card["recipe"]["config"]
+        assert card["eval_command"] == card_eval_command(config["model"], config["data"]["root"]), card_path.name

@@ -4,9 +4,11 @@ docs/train_speed.md."""
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks import train_speed as ts
 
@@ -23,6 +25,9 @@ def test_train_step_follows_the_settings():
     step = ts.TrainStep(ts.zoo_mobilenet_v2(width=0.25), ts.DEFAULT, batch=4)
     assert step.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert [g["weight_decay"] for g in step.opt.param_groups] == [ts.WEIGHT_DECAY, 0.0]
+    # the norms' and biases' rate is the recipe's factor over the rest, as train.py sets it
+    lrs = [g["lr"] for g in step.opt.param_groups]
+    assert lrs[1] == pytest.approx(lrs[0] * OmegaConf.load(Path(__file__).parents[1] / "configs/optim/sgd.yaml").norm_lr_factor) and lrs[1] != lrs[0]
     assert step.opt.param_groups[0]["nesterov"]
     before = [p.detach().clone() for p in step.model.parameters()]
     loss = step()

@@ -114,6 +114,17 @@ def eval_overrides(model_cfg: dict, data_root: str, run_dir: Path, source: list[
     ]  # fmt: skip
 
 
+def card_eval_command(model_cfg: dict, data_root: str) -> str:
+    """The card's `eval.py` command: the entry's build as overrides, so `pretrained=true` resolves to
+    this entry (`models.pretrained.resolve_entry`); stem and conv_mode are named where they are not
+    the defaults, which keeps the default entries' commands short."""
+    build = [f"model={model_cfg['name']}", f"model.width={model_cfg['width']}"]
+    for key, default in (("stem", "cifar"), ("conv_mode", "separable")):
+        if model_cfg.get(key, default) != default:
+            build.append(f"model.{key}={model_cfg[key]}")
+    return "python eval.py " + " ".join([*build, "pretrained=true", f"data.root={data_root}", "trainer.precision=32-true"])
+
+
 def run_eval(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("eval", overrides=overrides)
@@ -207,8 +218,7 @@ def main() -> None:
         val_top5=round(100 * report["top5"], 2),
         val_loss=round(report["loss"], 4),
         val_acc_checkpoint_fp32=round(100 * fp32["top1"], 2),
-        eval_command=f"python eval.py model={model_cfg['name']} model.width={model_cfg['width']} pretrained=true "
-        f"data.root={args.data_root} trainer.precision=32-true",
+        eval_command=card_eval_command(model_cfg, args.data_root),
     )
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     (CARDS_DIR / f"{entry}.md").write_text(model_card(card))

@@ -33,7 +33,7 @@ import models
 from models._loader import cast_like
 from training.checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
 import training.config  # noqa: F401  (registers the resolvers the train config uses)
-from training.data import CifarDataModule, batch_crop, batch_flip, grid_views, teacher_data_meta
+from training.data import CifarDataModule, batch_crop, batch_flip, grid_views, normalize, normalizer, teacher_data_meta
 from training.errors import ConfigError, exit_on_user_error
 from training.pipeline import native_bf16_cpu
 from training.models import build_model
@@ -101,9 +101,7 @@ def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], st
     device = torch.device(device)
     model = model.to(device).to(memory_format=torch.channels_last)
     views = grid_views(pad, step)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device)
-    scale = (1.0 / (255.0 * std_t))[None, :, None, None]
-    shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t)[None, :, None, None]
+    scale, shift = normalizer(mean, std, device)
     out, first, start = None, 0, time.perf_counter()
     batches = math.ceil(len(images) / batch_size)
     if partial is not None and partial.is_file():
@@ -118,7 +116,7 @@ def teacher_logits(model: nn.Module, images: torch.Tensor, mean: list[float], st
         for v, (dx, dy, flip) in enumerate(views):
             view = batch_crop(x, torch.full((n,), dx), torch.full((n,), dy), pad) if pad else x
             view = batch_flip(view, torch.full((n,), flip))
-            view = torch.addcmul(shift, view.float(), scale).contiguous(memory_format=torch.channels_last)
+            view = normalize(view, scale, shift).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(view).float()
             if out is None:

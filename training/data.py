@@ -445,8 +445,10 @@ def normalizer(mean, std, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised float32, in one fused multiply-add. The one normalisation of
-    training, evaluation and the int8 tools, so they see bit-identical inputs (the textbook
-    (x/255 - mean)/std rounds differently, enough to move an int8 model's accuracy by 0.2 points)."""
+    the fast loader (training and evaluation), the int8 tools and the teacher logits, so they see
+    bit-identical inputs (the textbook (x/255 - mean)/std rounds differently, enough to move an int8
+    model's accuracy by 0.2 points). The torchvision loader (`data.loader=torchvision`) uses
+    `T.Normalize` instead."""
     return torch.addcmul(shift, images.float(), scale)
 
 

@@ -153,7 +153,7 @@ def qat_simulator(config: dict, model: nn.Module) -> models.QATSimulator | None:
         # the simulation swaps in fake-quantized weights and hooks the layers on every call, which
         # torch.compile would trace anew or break on; a few fine-tuning epochs do not need it
         raise ConfigError("qat=true runs the model eagerly and does not work with compile=true: set compile=false")
-    return models.prepare_qat(model, float_layers="first")
+    return models.prepare_qat(model, float_layers=models.int8.DEFAULT_FLOAT_LAYERS)
 
 
 def _accuracy(num_classes: int, top_k: int = 1) -> MulticlassAccuracy:

@@ -274,11 +274,12 @@ def write_report(rows: Sequence[dict[str, Any]], csv_path: Path, out: Path, plot
         "(mean ± sample std, n). Each run's own value is in the CSV.",
         "- **train img/s**: training throughput the pipeline measured during the run (median over seeds); the runs "
         "shared the machine with other jobs, so compare it loosely.",
-        f"- **latency**: measured by `python -m tools.ablation measure` (rows from before it: by its predecessor "
-        f"`tools.ablation_report`, the same way) on {measured_on(rows)}: each architecture's "
-        "model rebuilt from its run config with the trained weights loaded strictly, fp32, eval mode, "
+        f"- **latency**: measured on {measured_on(rows)} by `python -m tools.ablation latency <results.csv>`, which "
+        "times every row's architecture again in one call (a fresh init of the row's model, width and conv_mode: "
+        "latency does not depend on the weights, and runs trained elsewhere left none here; `tools.ablation measure` "
+        "without `--no-latency` times a new run with its trained weights instead), fp32, eval mode, "
         "`torch.inference_mode`, random 3x32x32 inputs, `torch.set_num_threads` as listed; all models of one "
-        "measure call timed interleaved (`benchmarks.common.bench`: every round times each model once, in rotating "
+        "call timed interleaved (`benchmarks.common.bench`: every round times each model once, in rotating "
         "order), median ms per forward pass of the whole batch (IQR in the CSV). Compare latencies measured in "
         "the same call.",
         "- **width**: the width multiplier; a separable row wider than 1.0 is the equal-cost comparison "
