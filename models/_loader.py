@@ -35,6 +35,7 @@ __all__ = [
     "load_state_dict_file",
     "state_dict_mismatches",
     "check_compatible",
+    "load_state_into",
     "load_checkpoint",
 ]
 
@@ -209,11 +210,25 @@ def cast_like(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
 
 
+def load_state_into(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    expected_desc: str = "",
+    found_desc: str = "",
+    hint: str = MODEL_HINT,
+    strict: bool = True,
+) -> nn.Module:
+    """The one way weights go into a model: check they fit (`check_compatible`, which names what does
+    not), cast them to the model's dtype (`cast_like`), load. `path` and the descriptions only
+    word the error. Returns the model."""
+    own = model.state_dict()
+    check_compatible(own, state, path, expected_desc, found_desc, hint=hint, strict=strict)
+    model.load_state_dict(cast_like(own, state), strict=strict)
+    return model
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = True, strict: bool = True) -> nn.Module:
     """Load the weights in `path` (any format `load_state_dict_file` reads; no sha256 pin: the
     file is the caller's) into `model`, after checking they fit. Returns the model."""
-    state = load_state_dict_file(path, ema=use_ema)
-    own = model.state_dict()
-    check_compatible(own, state, path, strict=strict)
-    model.load_state_dict(cast_like(own, state), strict=strict)
-    return model
+    return load_state_into(model, load_state_dict_file(path, ema=use_ema), path, strict=strict)

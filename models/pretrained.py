@@ -23,7 +23,7 @@ import torch.nn as nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-from ._loader import CheckpointLoadError, cast_like, load_state_dict_file, state_dict_mismatches
+from ._loader import CheckpointLoadError, load_state_dict_file, load_state_into
 from .int8 import DEFAULT_WEIGHT_TYPE
 
 __all__ = [
@@ -151,19 +151,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` strictly, or raise naming the missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing, unexpected, wrong = (sorted(keys) for keys in state_dict_mismatches(own, state))
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise PretrainedError(
-            f"weights from {source} do not fit this model: {'; '.join(parts)}. "
-            "They belong to another architecture, width or stem."
-        )
-    model.load_state_dict(cast_like(own, state))
+    """Load `state` strictly (`models._loader.load_state_into`), or raise PretrainedError naming the
+    missing, unexpected and mis-shaped keys."""
+    try:
+        load_state_into(model, state, source)
+    except CheckpointLoadError as err:
+        raise PretrainedError(str(err)) from err
 
 
 def _conflicts(build: dict, stem: str, width: float, conv_mode: str) -> list[str]:

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 import models
 from conftest import compose_config
 from training.callbacks import ThroughputMeter, WeightEMA
-from training.checkpoints import load_checkpoint
+from training.checkpoints import read_checkpoint
 from training.config import to_plain
 from training.errors import ConfigError
 from training.module import call_with, optim_targets, param_groups
@@ -76,7 +76,7 @@ def test_editing_a_descriptive_key_alone_says_which_config_to_choose(override, c
 
 def test_adamw_with_another_schedule_is_config_only_and_trains(compose_train, tmp_path):
     summary = train(compose_train("optim=adamw", "trainer.max_epochs=2"))
-    ckpt = load_checkpoint(summary["last_ckpt"])
+    ckpt = read_checkpoint(summary["last_ckpt"])
     config = ckpt["hyper_parameters"]["config"]["optim"]
     assert config["name"] == "adamw" and config["optimizer"]["_target_"] == "torch.optim.AdamW"
     assert config["scheduler"]["_target_"] == "torch.optim.lr_scheduler.OneCycleLR"

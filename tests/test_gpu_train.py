@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, compose_config, eval_overrides, make_imagefolder
 from tools.pack_cifar import pack, to_webp
-from training.checkpoints import load_checkpoint
+from training.checkpoints import read_checkpoint
 from training.evaluate import evaluate
 
 TINY = ("model.width=0.25 data.val_size=20 data.batch_size=16 data.eval_batch_size=32 trainer.accelerator=cpu "
@@ -39,7 +39,7 @@ def test_train_slim_split_unpack_and_evaluate(tmp_path):
     assert restored.returncode == 0, restored.stdout + restored.stderr
     run = back / "gpu" / "resnet20"
     last = run / "checkpoints" / "last.ckpt"
-    ckpt = load_checkpoint(last)
+    ckpt = read_checkpoint(last)
     assert set(ckpt) == {"hyper_parameters", "epoch", "global_step", "ema_decay", "ema_state_dict"}  # slim
     assert not (run / "checkpoints" / "best.ckpt").exists() and (run / "summary.json").is_file()
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["trainer"]["max_epochs"] == 2  # entry:epochs applied

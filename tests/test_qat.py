@@ -14,7 +14,7 @@ import models
 from conftest import compose_config, eval_overrides, model_with_bn_statistics, tiny_overrides
 from models.layers import ConvNormAct
 from models.qat import ActivationFakeQuant, fake_quantize_weight
-from training.checkpoints import load_checkpoint, model_state_dict
+from training.checkpoints import read_checkpoint, model_state_dict
 from training.errors import ConfigError
 from training.evaluate import evaluate
 from training.pipeline import train
@@ -147,7 +147,7 @@ def test_qat_fine_tune_from_trained_weights_then_int8_eval_and_resume(trained_ru
     assert "simulated int8" in (run / "summary.md").read_text()
 
     last = run / "checkpoints" / "last.ckpt"
-    ckpt = load_checkpoint(last)
+    ckpt = read_checkpoint(last)
     observers = {k for k in ckpt["state_dict"] if k.startswith("qat.")}
     observed = {k for k in observers if k.endswith(".observed") and ckpt["state_dict"][k].item()}
     unused = {k for k in observers if k.endswith(".observed")} - observed
@@ -165,14 +165,14 @@ def test_qat_fine_tune_from_trained_weights_then_int8_eval_and_resume(trained_ru
         train(compose_config("train", [*tiny_overrides(cifar_root, run, tmp_path / "cache"), f"ckpt_path={last}"]))
     resumed = train(compose_config("train", [*base, "trainer.max_epochs=2", f"ckpt_path={last}"]))
     assert resumed["epochs"] == 2 and resumed["qat"]
-    after = load_checkpoint(last)["state_dict"]
+    after = read_checkpoint(last)["state_dict"]
     assert any(not torch.equal(after[k], ckpt["state_dict"][k]) for k in observers if k.endswith("min_val"))
     assert json.loads((run / "summary.json").read_text())["qat"] is True
 
     # resumed exactly: the same weights and ranges as two epochs in one go
     straight = tmp_path / "straight"
     train(compose_config("train", [*tiny_overrides(cifar_root, straight, tmp_path / "cache"), *options, "trainer.max_epochs=2"]))
-    a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, run))
+    a, b = (read_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, run))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -181,4 +181,4 @@ def test_qat_continues_a_float_run_from_its_checkpoint(trained_run, tmp_path, ci
     summary = train(compose_config("train", [*tiny_overrides(cifar_root, tmp_path / "run", tmp_path / "cache"), "qat=true",
                                              "trainer.max_epochs=3", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"]))
     assert summary["epochs"] == 3 and summary["qat"]
-    assert any(k.startswith("qat.") for k in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"])
+    assert any(k.startswith("qat.") for k in read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"])

@@ -15,7 +15,7 @@ from hydra.errors import MissingConfigException
 
 import models
 from conftest import CONFIGS, compose_config, make_imagefolder, tiny_overrides
-from training.checkpoints import load_checkpoint, model_state_dict
+from training.checkpoints import read_checkpoint, model_state_dict
 from training.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from training.module import ClassifierModule
 from training.pipeline import train
@@ -27,7 +27,7 @@ def metrics_rows(run_dir: Path, version: int = 0) -> list[dict]:
 
 
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["state_dict"]
+    return read_checkpoint(path)["state_dict"]
 
 
 # -- configs ------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_weight_ema_averages_weights_and_bn_buffers_and_is_what_validation_sees(
     record = RecordWeights()
     summary = train(compose_train("optim.ema_decay=0.9"), callbacks=[record])
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    ckpt = load_checkpoint(last)
+    ckpt = read_checkpoint(last)
     ema, raw = ckpt["ema_state_dict"], model_state_dict(ckpt, ema=False)
     assert model_state_dict(ckpt) is not raw and ema.keys() == raw.keys() and ckpt["ema_decay"] == 0.9
 
@@ -175,7 +175,7 @@ def test_weight_ema_averages_weights_and_bn_buffers_and_is_what_validation_sees(
 
 def test_ema_off_and_bad_decay(compose_train, tmp_path):
     train(compose_train("optim.ema_decay=null", "trainer.max_epochs=1"))
-    assert "ema_state_dict" not in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert "ema_state_dict" not in read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"optim.ema_decay=1.5.*\(0, 1\)"):
         train(compose_train("optim.ema_decay=1.5"))
 
@@ -209,7 +209,7 @@ def test_linear_schedule_warms_up_then_falls_in_a_straight_line(compose_train, t
 
 def test_norm_lr_factor_scales_the_norms_and_biases_rate_all_run_long(compose_train, tmp_path):
     train(compose_train("trainer.max_epochs=1"))  # the default recipe's factor, 3
-    groups = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"]
+    groups = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"]
     assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
     assert groups[1]["lr"] == pytest.approx(3 * groups[0]["lr"]) and groups[0]["lr"] > 0
     assert groups[1]["initial_lr"] == pytest.approx(3 * 0.2)
@@ -287,7 +287,7 @@ def test_a_crashed_run_resumed_from_last_ckpt_ends_like_one_that_ran_through(com
 
     crashed = tmp_path / "crashed"
     last = crashed_run(compose_train, common, crashed, epoch=2)
-    assert load_checkpoint(last)["epoch"] == 1  # two epochs done, the third lost mid-way
+    assert read_checkpoint(last)["epoch"] == 1  # two epochs done, the third lost mid-way
     resumed = train(compose_train(*common, f"ckpt_path={last}", run_dir=crashed))
 
     assert resumed["best_val_acc"] == straight["best_val_acc"] and resumed["best_epoch"] == straight["best_epoch"]
@@ -295,8 +295,8 @@ def test_a_crashed_run_resumed_from_last_ckpt_ends_like_one_that_ran_through(com
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     final = lambda rows: [r for r in rows if r["val/loss"]][-1]
     assert final(metrics_rows(crashed, version=1))["val/loss"] == final(metrics_rows(tmp_path / "straight"))["val/loss"]
-    ckpt = load_checkpoint(last)
-    assert ckpt["epoch"] == 2 and ckpt["global_step"] == load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["global_step"]
+    ckpt = read_checkpoint(last)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["global_step"]
 
 
 def test_best_epoch_comes_from_the_checkpoint_callback_and_survives_resumes(compose_train, tmp_path, monkeypatch):
@@ -304,12 +304,12 @@ def test_best_epoch_comes_from_the_checkpoint_callback_and_survives_resumes(comp
     straight = train(compose_train(*common, run_dir=tmp_path / "straight"))
     accs = [float(r["val/acc"]) for r in metrics_rows(tmp_path / "straight") if r["val/acc"]]
     assert straight["best_epoch"] == accs.index(max(accs)) and straight["best_val_acc"] == pytest.approx(max(accs))
-    assert load_checkpoint(straight["best_ckpt"])["epoch"] == straight["best_epoch"]
+    assert read_checkpoint(straight["best_ckpt"])["epoch"] == straight["best_epoch"]
 
     # resumed from a checkpoint written before BestEpoch kept the epoch: it is read from best.ckpt
     crashed = tmp_path / "crashed"
     last = crashed_run(compose_train, common, crashed, epoch=3)
-    ckpt = load_checkpoint(last)
+    ckpt = read_checkpoint(last)
     assert ckpt["callbacks"].pop("BestEpoch")["epoch"] == accs[:3].index(max(accs[:3]))  # epochs 0-2 ran
     torch.save(ckpt, last)
     reads, load = [], torch.load
@@ -356,7 +356,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         train(compose_train("trainer.max_epochs=3"), callbacks=[PoisonWeights(epoch=1)])
     msg = str(err.value)
     assert "loss became nan" in msg and "epoch 1" in msg and str(run / "checkpoints" / "last.ckpt") in msg
-    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
@@ -371,7 +371,7 @@ def test_precision_channels_last_compile_and_tensorboard_are_switches(compose_tr
     summary = train(cfg)
     assert compiled and 0 <= summary["best_val_acc"] <= 1
     assert list((Path(summary["run_dir"]) / "tensorboard").rglob("events.out.tfevents.*"))
-    ckpt = load_checkpoint(summary["last_ckpt"])
+    ckpt = read_checkpoint(summary["last_ckpt"])
     config = ckpt["hyper_parameters"]["config"]
     assert config["trainer"]["precision"] == "32-true" and config["channels_last"] and config["compile"]
     conv = next(p for p in ClassifierModule(config).model.parameters() if p.ndim == 4)
@@ -473,8 +473,8 @@ def test_init_weights_starts_a_new_schedule_from_a_runs_ema_weights(compose_trai
 
     train(compose_train("trainer.max_epochs=1", run_dir=tmp_path / "first"))
     slim_path = tmp_path / "ema_only.ckpt"
-    torch.save(slim(load_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt"), half=True), slim_path)
-    ema = load_checkpoint(slim_path)["ema_state_dict"]
+    torch.save(slim(read_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt"), half=True), slim_path)
+    ema = read_checkpoint(slim_path)["ema_state_dict"]
 
     seen = {}
 
@@ -486,9 +486,9 @@ def test_init_weights_starts_a_new_schedule_from_a_runs_ema_weights(compose_trai
     train(compose_train("trainer.max_epochs=1", f"init_weights={slim_path}", run_dir=second), callbacks=[FirstWeights()])
     assert seen.keys() == ema.keys() and all(torch.equal(seen[k].float(), ema[k].float()) for k in ema)
     slim_path.unlink()  # the run's own checkpoint is all that later steps read
-    assert load_checkpoint(second / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]["init_weights"] == str(slim_path)
+    assert read_checkpoint(second / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]["init_weights"] == str(slim_path)
     module = ClassifierModule.load_from_checkpoint(second / "checkpoints" / "last.ckpt", weights_only=True)
-    trained = model_state_dict(load_checkpoint(second / "checkpoints" / "last.ckpt"), ema=False)
+    trained = model_state_dict(read_checkpoint(second / "checkpoints" / "last.ckpt"), ema=False)
     loaded = module.model.state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
 
@@ -573,5 +573,5 @@ def test_a_gpu_step_reads_nothing_back_and_the_nan_guard_still_stops_before_savi
     with pytest.raises(NonFiniteLossError, match=r"loss became nan or inf at epoch 1, at a step from \d+ to \d+") as err:
         train(compose_train("trainer.max_epochs=3", run_dir=run), callbacks=[PoisonWeights(epoch=1)])
     assert str(run / "checkpoints" / "last.ckpt") in str(err.value)
-    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, cli_overrides, compose_config, eval_overrides, run_script
-from training.checkpoints import load_checkpoint
+from training.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, cifar_root):
     assert "MEMBER: 2/2" in logs  # Lightning's line for the second process joining
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_images"] == 2 * 60 and summary["test_acc"] is not None  # 2 epochs x 60, split over 2 ranks
-    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2 * 2  # 30 images per rank at batch 16: 2 steps per epoch
 
     # The DDP validation score (shards + padding ignored) is what a single process finds.
@@ -96,13 +96,13 @@ def test_a_killed_run_resumed_ends_like_one_that_ran_through(tmp_path, imagefold
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "summary.json").exists()
-    epoch_at_kill = load_checkpoint(last)["epoch"]
+    epoch_at_kill = read_checkpoint(last)["epoch"]
     assert epoch_at_kill < 5
 
     ok(run_script("train.py", *cli_overrides(imagefolder_root, killed, tmp_path / "cache"), *epochs, f"ckpt_path={last}"))
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert a["best_val_acc"] == b["best_val_acc"] and a["best_epoch"] == b["best_epoch"]
-    wa, wb = (load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, killed))
+    wa, wb = (read_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, killed))
     assert wa and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -114,7 +114,7 @@ def test_resume_without_run_dir_goes_back_into_the_checkpoints_run(tmp_path, ima
     proc = ok(run_script("train.py", *args, "trainer.max_epochs=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                          cwd=tmp_path))
     assert f"Run folder: {run}" in proc.stdout
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
     assert (run / "csv" / "version_1" / "metrics.csv").is_file()
 
 

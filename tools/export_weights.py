@@ -32,7 +32,7 @@ import models
 from benchmarks.common import cpu_name
 from models.pretrained import WEIGHTS_DIR, sha256_of
 from training.callbacks import logged_epoch_seconds
-from training.checkpoints import load_checkpoint, model_state_dict
+from training.checkpoints import read_checkpoint, model_state_dict
 from training.models import build_model
 from training.evaluate import evaluate
 
@@ -155,7 +155,7 @@ def main() -> None:
     model_cfg, data_cfg = config["model"], config["data"]
     entry = args.entry or default_entry(model_cfg)
     final = run / "checkpoints" / "last.ckpt"
-    state = model_state_dict(load_checkpoint(str(final)))
+    state = model_state_dict(read_checkpoint(str(final)))
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = run_eval(eval_overrides(model_cfg, args.data_root, Path(tmp) / "fp32", [f"ckpt_path={final}"]))
@@ -234,7 +234,7 @@ def first_stage(weights: Path, hardware: str) -> dict:
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if (run / ".hydra" / "overrides.yaml").is_file() else []
     seconds = sum(logged_epoch_seconds(run))
     return {"weights": repo_relative(str(weights)), "command": train_command([repo_relative(o) for o in overrides], config),
-            "epochs": int(load_checkpoint(str(weights))["epoch"]) + 1, "scheduled_epochs": config["trainer"]["max_epochs"],
+            "epochs": int(read_checkpoint(str(weights))["epoch"]) + 1, "scheduled_epochs": config["trainer"]["max_epochs"],
             "train_seconds": round(seconds, 1), "hardware": hardware,
             "precision": config["trainer"].get("precision")}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import load_checkpoint
+from training.checkpoints import read_checkpoint
 
 
 def slim(ckpt: dict, half: bool = False) -> dict:
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for last in sorted(args.folder.glob("*/checkpoints/last.ckpt")):
         before = last.stat().st_size
-        torch.save(slim(load_checkpoint(last), args.half), last)
+        torch.save(slim(read_checkpoint(last), args.half), last)
         (last.parent / "best.ckpt").unlink(missing_ok=True)
         print(f"{last}: {before / 1e6:.1f} MB -> {last.stat().st_size / 1e6:.1f} MB")
 

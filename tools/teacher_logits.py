@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 
 import models
-from models._loader import cast_like
-from training.checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
+from training.checkpoints import checkpoint_config, describe_model, load_state_into, model_state_dict, read_checkpoint
 import training.config  # noqa: F401  (registers the resolvers the train config uses)
 from training.data import CifarDataModule, batch_crop, batch_flip, grid_views, normalize, normalizer, teacher_data_meta
 from training.errors import ConfigError, exit_on_user_error
@@ -46,14 +45,13 @@ def load_teacher(teacher: str) -> tuple[nn.Module, dict, dict | None, str | None
     the data set it was trained on)."""
     path = Path(teacher).expanduser()
     if path.is_file() or teacher.endswith(".ckpt"):
-        ckpt = load_checkpoint(path)
+        ckpt = read_checkpoint(path)
         config = checkpoint_config(ckpt)
         if not config:
             raise ConfigError(f"{path} has no run config (hyper_parameters.config): pass a checkpoint written by train.py")
         model = build_model(config["model"], int(config["data"]["num_classes"]))
-        state = model_state_dict(ckpt)  # the weight EMA when the run kept one: what export ships
-        check_compatible(model.state_dict(), state, path)
-        model.load_state_dict(cast_like(model.state_dict(), state))
+        # the weight EMA when the run kept one: what export ships
+        load_state_into(model, model_state_dict(ckpt), path)
         epoch = ckpt.get("epoch")
         ema = "ema_state_dict" in ckpt
         identity = {"kind": "checkpoint", "arg": teacher, "path": str(path.resolve()), "epoch": epoch, "ema": ema,

@@ -11,8 +11,10 @@ from typing import Any, Mapping
 
 import torch
 
-from models._loader import SHOW, CheckpointLoadError, extract_state_dict, read_checkpoint  # noqa: F401 (SHOW)
+from models._loader import SHOW, CheckpointLoadError, extract_state_dict  # noqa: F401 (SHOW)
+from models._loader import read_checkpoint as _read_checkpoint
 from models._loader import check_compatible as _check_compatible
+from models._loader import load_state_into as _load_state_into
 
 from .errors import CheckpointError
 
@@ -28,12 +30,12 @@ def _siblings_hint(path: Path) -> str:
     return f" Use another checkpoint of the run (<run>/checkpoints/last.ckpt or best.ckpt).{where}"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """`torch.load(weights_only=True)` with a CheckpointError naming the file when it is missing,
     corrupt or truncated. Our checkpoints hold only tensors and plain containers.
     (The reading is `models.read_checkpoint`'s, shared with `models.create_model(checkpoint_path=)`.)"""
     try:
-        return read_checkpoint(path, hint=lambda: _siblings_hint(Path(path)))
+        return _read_checkpoint(path, hint=lambda: _siblings_hint(Path(path)))
     except CheckpointLoadError as err:
         raise CheckpointError(str(err)) from err
 
@@ -75,5 +77,15 @@ def check_compatible(
     (`models.check_compatible`, with the command-line hint)."""
     try:
         _check_compatible(expected, found, path, expected_desc, found_desc, hint=CONFIG_HINT)
+    except CheckpointLoadError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def load_state_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path,
+                    expected_desc: str = "", found_desc: str = "") -> torch.nn.Module:
+    """`models`' one way weights go into a model (check, cast to the model's dtype, load), raising
+    CheckpointError with the command-line hint when they do not fit."""
+    try:
+        return _load_state_into(model, state, path, expected_desc, found_desc, hint=CONFIG_HINT)
     except CheckpointLoadError as err:
         raise CheckpointError(str(err)) from err

@@ -17,7 +17,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
+from .checkpoints import checkpoint_config, describe_model, load_state_into, model_state_dict, read_checkpoint
 from .config import cli_overrides, to_plain
 from .data import CifarDataModule, DeviceBatchLoader, PerImageDataset, per_image_transform
 from .errors import ConfigError
@@ -40,7 +40,7 @@ def eval_config(cfg: DictConfig, overrides: Sequence[str]) -> tuple[dict, dict |
     ckpt_path, pretrained = config.get("ckpt_path"), bool(config.get("pretrained"))
     if bool(ckpt_path) == pretrained:
         raise ConfigError("give exactly one of ckpt_path=<file.ckpt> (a trained run) or pretrained=true model=<name> (shipped weights)")
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
     stored = checkpoint_config(ckpt) if ckpt is not None else None
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -118,11 +118,9 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
         raise ConfigError(f"eval.split=test but {config['data']['root']} has no test split; use eval.split=auto or val")
     module = ClassifierModule(config, tta=tta)
     if ckpt is not None:
-        state = model_state_dict(ckpt, ema=ema)
-        check_compatible(module.model.state_dict(), state, config["ckpt_path"],
-                         expected_desc=describe_model(config["model"]),
-                         found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
-        module.model.load_state_dict(state)
+        load_state_into(module.model, model_state_dict(ckpt, ema=ema), config["ckpt_path"],
+                        expected_desc=describe_model(config["model"]),
+                        found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
     if int8:
         from models.int8 import default_method, default_weight_type
 

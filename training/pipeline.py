@@ -22,7 +22,7 @@ import models
 
 from .allocator import keep_freed_memory
 from .callbacks import BestEpoch
-from .checkpoints import check_compatible, checkpoint_config, describe_model, load_checkpoint, model_state_dict
+from .checkpoints import check_compatible, checkpoint_config, describe_model, model_state_dict, read_checkpoint
 from .config import to_plain
 from .data import CifarDataModule
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -143,7 +143,7 @@ def profile_model(model: torch.nn.Module, image_size: int = 32) -> dict[str, int
     return models.profile(probe, input_size=(1, 3, image_size, image_size))
 
 
-def init_weights(model: torch.nn.Module, path: str) -> None:
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
     """`init_weights=<file>`: start from these weights (a train.py checkpoint's EMA, safetensors, a
     state_dict), e.g. to finish a run whose optimizer state is gone with a new, shorter schedule."""
     if not Path(path).is_file():
@@ -166,7 +166,7 @@ def _checkpoint_epoch(path: str) -> int | None:
     """The epoch stored in a checkpoint file (for messages, and for runs resumed from a checkpoint
     written before BestEpoch kept the best epoch)."""
     try:
-        return int(load_checkpoint(path).get("epoch"))
+        return int(read_checkpoint(path).get("epoch"))
     except (CheckpointError, TypeError, ValueError):
         return None
 
@@ -212,11 +212,11 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     if config.get("init_weights") and not ckpt_path:
         # here, not in the module: eval.py and export rebuild the module from a checkpoint's config,
         # where this file need not exist any more (a resume restores its own weights instead)
-        init_weights(module.model, config["init_weights"])
+        load_init_weights(module.model, config["init_weights"])
     cost = profile_model(module.model)
     plugins = None
     if ckpt_path:  # read once: checked here, then handed to trainer.fit to resume from
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = read_checkpoint(ckpt_path)
         check_compatible(module.model.state_dict(), model_state_dict(ckpt), ckpt_path,
                          expected_desc=describe_model(config["model"]),
                          found_desc=describe_model((checkpoint_config(ckpt) or {}).get("model")))
