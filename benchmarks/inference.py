@@ -33,9 +33,7 @@ import torch.nn as nn
 
 import models
 from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, paired_ratio, setup, write_csv
-
-INPUT_SIZE = {"xception": 299}
-
+from benchmarks.train_speed import torchvision_mobilenet_v2_cifar
 
 def reference(name: str, source: str, num_classes: int) -> nn.Module:
     ref_name = models.REFERENCES[name][source]
@@ -46,16 +44,6 @@ def reference(name: str, source: str, num_classes: int) -> nn.Module:
     import timm
 
     return timm.create_model(ref_name, pretrained=False, num_classes=num_classes)
-
-
-def torchvision_mobilenet_v2_cifar(num_classes: int = 10) -> nn.Module:
-    """torchvision's mobilenet_v2 in our cifar layout: stem conv and first stride-2 block at stride 1."""
-    import torchvision
-
-    m = torchvision.models.mobilenet_v2(num_classes=num_classes)
-    m.features[0][0].stride = (1, 1)
-    m.features[2].conv[1][0].stride = (1, 1)  # the depthwise conv carries the block's stride
-    return m
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -188,8 +176,8 @@ def main(argv=None) -> None:
             names = names[:2]
         for name in names:
             for source in models.REFERENCES[name]:
-                size = INPUT_SIZE.get(name, 224)
                 ref, zoo = pair(name, source, "imagenet", 1000)
+                size = zoo.pretrained_cfg["input_size"][-1]  # the paper's input (Xception: 299)
                 label = f"{name} vs {source} {models.REFERENCES[name][source]}, batch 1, {size}x{size}"
                 twin_rows += compare(label, ref, zoo, torch.randn(1, 3, size, size), args)
         print("\n### Every model with a twin, batch 1\n")

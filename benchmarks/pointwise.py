@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import models
 from models import kernels
-from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, measure_peaks, merge_peaks, setup, write_csv
+from benchmarks.common import add_common_args, bench, fmt_time, machine_info, md_table, measure_peaks, merge_peaks, paired_ratio, setup, write_csv
 
 
 def mobilenet_v2_shapes(stem: str, size: int) -> list[dict]:
@@ -186,7 +186,7 @@ def run(args) -> list[dict]:
                                 "dispatch": dispatch_label(x, w, backward, dt == "bf16") if stride == 1 else "conv (strided)",
                                 "pointwise_s": t["pointwise"].median,
                                 "conv2d_s": t["conv2d"].median,
-                                "ratio": statistics.median(ratios),
+                                "ratio": paired_ratio(t["pointwise"], t["conv2d"]),
                                 "ratio_iqr": q[2] - q[0],
                                 "ratio_best": t["pointwise"].best / t["conv2d"].best,
                                 "flops": flops,
@@ -194,9 +194,7 @@ def run(args) -> list[dict]:
                             }
                             for name in fns:
                                 if name not in ("pointwise", "conv2d"):
-                                    row[f"{name}/conv2d"] = statistics.median(
-                                        a / b for a, b in zip(t[name].samples, t["conv2d"].samples)
-                                    )
+                                    row[f"{name}/conv2d"] = paired_ratio(t[name], t["conv2d"])
                             rows.append(row)
                             if args.verbose:
                                 print(_line(row), flush=True)

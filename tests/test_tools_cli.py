@@ -16,7 +16,7 @@ from conftest import REPO
 
 MODULES = ["tools.verify_pretrained", "tools.export_weights", "tools.teacher_logits", "tools.ablation", "tools.model_table",
            "tools.pack_cifar", "tools.gpu_schedule", "tools.slim_runs", "tools.recipe_ab", "benchmarks.train_speed",
-           "benchmarks.data_loading"]
+           "benchmarks.data_loading", "benchmarks.inference"]
 
 
 def test_no_file_in_tools_or_benchmarks_edits_sys_path():
@@ -235,3 +235,35 @@ def test_card_eval_command_resolves_to_its_own_entry():
         card = json.loads(card_path.read_text())
         config = card["recipe"]["config"]
         assert card["eval_command"] == card_eval_command(config["model"], config["data"]["root"]), card_path.name
+
+
+def test_the_recipe_before_the_changed_defaults_is_pinned_alike_everywhere():
+    """The pre-2026-11-28 recipe is written three times, for three readers: the queue's jobs
+    (RECIPE_BEFORE in tools/recipes.sh), the cards' train commands (CHANGED_DEFAULTS) and
+    `experiment=ablation`. A later default change must reach all three, or they pin different recipes."""
+    from omegaconf import OmegaConf
+
+    from tools.export_weights import CHANGED_DEFAULTS
+
+    done = subprocess.run(["bash", "-c", '. tools/recipes.sh && printf "%s" "$RECIPE_BEFORE"'], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    pins = dict(arg.split("=", 1) for arg in done.stdout.split())
+    as_written = {k: "null" if v is None else str(v) for k, v in CHANGED_DEFAULTS.items()}
+    assert pins == as_written
+    ablation = OmegaConf.load(REPO / "configs" / "experiment" / "ablation.yaml")
+    assert {k: OmegaConf.select(ablation, k) for k in CHANGED_DEFAULTS} == CHANGED_DEFAULTS
+    # and each is a default that did change: train.py's config no longer has the old value
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        today = compose("train")
+    assert all(OmegaConf.select(today, k) != v for k, v in CHANGED_DEFAULTS.items())
+
+
+def test_model_table_profiles_each_model_at_its_own_input_size():
+    """The ImageNet columns use the input size the model's pretrained_cfg names (Xception's 299)."""
+    from tools.model_table import row
+
+    cells = row("xception_small", {})
+    assert cells[2].endswith("@32") and cells[4].endswith("@299")
+    assert row("resnet20", {})[4].endswith("@224")

@@ -74,7 +74,8 @@ def repo_relative(value):
 
 
 # Defaults of train.py that changed after some cards were trained, with the value they had before: a card's
-# command names them, so it trains today what it trained then (docs/recipe.md records each change).
+# command names them, so it trains today what it trained then (docs/recipe.md records each change). The same pins
+# are RECIPE_BEFORE in tools/recipes.sh and configs/experiment/ablation.yaml; a test checks the three agree.
 CHANGED_DEFAULTS = {"optim.norm_lr_factor": 1.0,  # 1.0 -> 3.0 on 2026-11-28
                     "data.progressive.min_size": None}  # null -> 16 on 2026-11-28
 

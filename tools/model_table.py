@@ -21,10 +21,6 @@ import models
 from benchmarks.common import md_table
 
 
-def imagenet_size(name: str) -> int:
-    return 299 if name.startswith("xception") else 224  # Xception is specified at 299x299
-
-
 def train_speed(path: str | None) -> dict[str, float]:
     if not path:
         return {}
@@ -48,8 +44,8 @@ def pretrained_cell(name: str) -> str:
 def row(name: str, speed: dict[str, float]) -> list[str]:
     cells = [f"`{name}`"]
     for stem, classes in (("cifar", 10), ("imagenet", 1000)):
-        size = 32 if stem == "cifar" else imagenet_size(name)
         model = models.create_model(name, num_classes=classes, stem=stem)
+        size = model.pretrained_cfg["input_size"][-1]  # 32, or the paper's input (Xception: 299)
         cost = models.profile(model, (1, 3, size, size))
         cells += [f"{cost['params'] / 1e6:.3f} M", f"{cost['macs'] / 1e6:,.1f} M @{size}"]
     cells.append(f"{speed[name]:.0f}" if name in speed else "-")

@@ -27,10 +27,12 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from training.data import CIFAR_FILES, _read_cifar_file, decode_images, scan_imagefolder
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# the label order the data config trains with (labels are indices into it)
+CLASSES = list(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "cifar10.yaml").classes)
 PER_BATCH = 10_000
 
 
