@@ -141,6 +141,25 @@ def test_a_key_added_to_the_config_later_is_not_a_recipe_difference(tmp_path, ca
     assert "warning: the runs differ" in capsys.readouterr().err
 
 
+def test_recipe_differences_are_what_trains_not_where_or_how_fast(tmp_path):
+    # one rule for both comparisons (tools.ablation.runs.training_recipe, also tools.recipe_ab's):
+    # threads, the data's folder and progress bars are not the recipe; gradient clipping is
+    from tools.ablation.runs import find_runs, recipe_differences
+
+    fake_run(tmp_path / "sweep" / "0", "separable")
+    fake_run(tmp_path / "sweep" / "1", "full")
+    other = tmp_path / "sweep" / "1" / "config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(other))
+    config.update(cpu_threads=2)
+    config["data"]["root"] = "/elsewhere"
+    config["trainer"]["enable_progress_bar"] = False
+    other.write_text(OmegaConf.to_yaml(config))
+    assert recipe_differences(find_runs([tmp_path / "sweep"])) == {}
+    config["trainer"]["gradient_clip_val"] = 1.0
+    other.write_text(OmegaConf.to_yaml(config))
+    assert recipe_differences(find_runs([tmp_path / "sweep"])) == {"trainer.gradient_clip_val": ["'<unset>'", "1.0"]}
+
+
 def test_report_from_a_csv_alone_spans_families(tmp_path):
     def row(model, mode, seed, acc, width=1.0, macs=10e6, latency=1.0, note="", cpu="Xeon, torch 2, 2026-11-27"):
         return {"model": model, "width": width, "stem": "cifar", "conv_mode": mode, "epochs": 100, "seed": seed,

@@ -30,23 +30,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import md_table
-from tools.ablation.runs import RECORDED_ELSEWHERE, flatten_config
+from tools.ablation.runs import training_recipe as recipe
 
 NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
-RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision")
-# under those, what does not change what is trained: where files are, how they are read, the teacher's
-# identity (distill.logits names it), and optim's Hydra targets (built from its plain keys)
-NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers", "data.eval_batch_size",
-              "distill.teacher", "optim.optimizer.", "optim.scheduler.", *RECORDED_ELSEWHERE)
-
-
-def recipe(config: dict) -> dict:
-    """The keys of a resolved run config that shape training, flattened (`optim.lr`: 0.2, ...)."""
-    flat = {k: v for k, v in flatten_config(config).items()
-            if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE) and v != {}}  # model.kwargs: {} sets nothing
-    if flat.get("optim.epochs") == flat.get("trainer.max_epochs"):
-        flat.pop("optim.epochs", None)  # the schedule's length follows the epochs unless set apart
-    return flat
 
 
 def load_runs(folders: list[Path]) -> list[dict]:

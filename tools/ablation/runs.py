@@ -19,6 +19,14 @@ ABLATED = ("model.conv_mode", "model.kwargs.pointwise_kernel_size", "model.width
 # Config keys whose effect a run's config.yaml already records elsewhere, so runs written before the key
 # existed and after do not differ by it: a run from trained weights has data.progressive.min_size null.
 RECORDED_ELSEWHERE = ("data.progressive.from_weights",)
+# What a recipe is, for both comparisons of runs (this ablation's and tools.recipe_ab's A/Bs): the config
+# keys under these prefixes ...
+RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision",
+          "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "pretrained", "init_weights", "qat")
+# ... except what does not change what is trained: where files are, how they are read, the teacher's
+# identity (distill.logits names it), and optim's Hydra targets (built from its plain keys)
+NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers", "data.eval_batch_size",
+              "distill.teacher", "optim.optimizer.", "optim.scheduler.", *RECORDED_ELSEWHERE)
 
 
 @dataclass
@@ -106,22 +114,26 @@ def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def training_recipe(config: dict) -> dict[str, Any]:
+    """The keys of a resolved run config that shape training, flattened (`optim.lr`: 0.2, ...)."""
+    flat = {k: v for k, v in flatten_config(config).items()
+            if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE) and v != {}}  # model.kwargs: {} sets nothing
+    if flat.get("optim.epochs") == flat.get("trainer.max_epochs"):
+        flat.pop("optim.epochs", None)  # the schedule's length follows the epochs unless set apart
+    return flat
+
+
 def recipe_differences(runs: Sequence[Run]) -> dict[str, list]:
-    """Config keys (other than the ablated ones) whose values differ between runs of one model. A run's
-    own folder inside a value (e.g. `callbacks.best_checkpoint.dirpath: <run>/checkpoints`) is not a
-    difference; nor is the model itself between families."""
-
-    def in_run(value: Any, run_dir: str) -> Any:
-        return value.replace(run_dir, "<run_dir>") if isinstance(value, str) and run_dir else value
-
+    """Recipe keys (`training_recipe`, other than the ablated ones) whose values differ between runs of
+    one model; the model itself between families is not a difference."""
     diffs: dict[str, set] = {}
     by_model: dict[str, list[Run]] = {}
     for run in runs:
         by_model.setdefault(str(run.model_cfg.get("name")), []).append(run)
     for members in by_model.values():
-        flats = [{k: in_run(v, str(r.config.get("run_dir") or "")) for k, v in flatten_config(r.config).items()} for r in members]
+        flats = [training_recipe(r.config) for r in members]
         for key in sorted(set().union(*flats)):
-            if key in RECORDED_ELSEWHERE or any(key == a or key.startswith(a + ".") for a in ABLATED):
+            if any(key == a or key.startswith(a + ".") for a in ABLATED):
                 continue
             values = {repr(f.get(key, "<unset>")) for f in flats}
             if len(values) > 1:
