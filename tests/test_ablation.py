@@ -161,16 +161,16 @@ def test_recipe_differences_are_what_trains_not_where_or_how_fast(tmp_path):
 
 
 def test_report_from_a_csv_alone_spans_families(tmp_path):
-    def row(model, mode, seed, acc, width=1.0, macs=10e6, latency=1.0, note="", cpu="Xeon, torch 2, 2026-11-27"):
+    def row(model, mode, seed, acc, width=1.0, macs=10e6, latency=1.0, note="", cpu="Xeon, torch 2, 2026-11-27", img_s=500.0):
         return {"model": model, "width": width, "stem": "cifar", "conv_mode": mode, "epochs": 100, "seed": seed,
                 "params": 1_000_000, "macs": int(macs), "val_acc": acc, "latency_b1_ms": latency, "latency_cpu": cpu,
-                "latency_b64_ms": 10 * latency, "train_img_s": 500.0, "recipe": "r", "note": note, "run_dir": f"{model}/{mode}/{width}/{seed}"}
+                "latency_b64_ms": 10 * latency, "train_img_s": img_s, "recipe": "r", "note": note, "run_dir": f"{model}/{mode}/{width}/{seed}"}
 
     csv_path = tmp_path / "results.csv"
     results.write(csv_path, [
         row("resnet20", "separable", 0, 0.91), row("resnet20", "pointwise_kxk", 0, 0.92, macs=12e6, cpu="EPYC, torch 2, 2026-11-24"),
         row("mobilenet_v1", "full", 0, 0.93, macs=80e6, latency=3.0), row("mobilenet_v1", "separable", 0, 0.90),
-        row("mobilenet_v1", "separable", 1, 0.92), row("mobilenet_v1", "separable", 0, 0.925, width=2.98, macs=79e6, note="x"),
+        row("mobilenet_v1", "separable", 1, 0.92, img_s=15_000.0), row("mobilenet_v1", "separable", 0, 0.925, width=2.98, macs=79e6, note="x"),
     ])
     assert results.read(csv_path)[0]["width"] == 1.0 and results.read(csv_path)[0]["val_acc"] == 0.91  # typed back
     printed = report.write_report(results.read(csv_path), csv_path, tmp_path)
@@ -179,6 +179,7 @@ def test_report_from_a_csv_alone_spans_families(tmp_path):
     v1 = [line for line in text.splitlines() if line.startswith("| `mobilenet_v1`")]
     assert [line.split(" | ")[1:3] for line in v1] == [["1", "separable"], ["2.98", "separable"], ["1", "full"]]
     assert "91.00% ± 1.41 (n=2)" in v1[0] and "2 (seed 0 1)" in v1[0]
+    assert " | 500 / 15,000 | " in v1[0]  # each seed's own speed (another machine), never a median of the two
     assert "ResNet basic" in printed
     said = text[text.index("## What the numbers say"):text.index("## MobileNetV1")]
     assert ("- `mobilenet_v1` at width 1, 100 epochs: `separable` 91.00%; `full` 93.00% (+2.00 points) for 8.00x the "

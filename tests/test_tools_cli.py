@@ -200,7 +200,8 @@ def test_recipe_ab_report_sets_each_change_against_the_base_run(tmp_path, capsys
     assert "| `grid2` | `data.augment.crop_step=2` | 89.80% | s0: 89.80 (-0.20) | +0.00 |  |" in out
     assert ("| `kd_r20` | `data.augment.crop_step=2` `distill.logits=t.pt` | 90.50% | s0: 90.50 (+0.50) | +0.70 | +0.70 vs `grid2` |"
             in out)
-    assert "| `zero_gamma` | `model.kwargs.zero_init_residual=True` | 89.90% |" in out
+    # a key base's config lacks (model.kwargs is {}) needs Hydra's +, as tools/recipes.sh writes it
+    assert "| `zero_gamma` | `+model.kwargs.zero_init_residual=true` | 89.90% |" in out
     assert out.count("| `ls0_2`") == 1  # one row per variant, whatever its seeds
 
     # a seed that trained another recipe is named, not averaged in
@@ -267,3 +268,22 @@ def test_model_table_profiles_each_model_at_its_own_input_size():
     cells = row("xception_small", {})
     assert cells[2].endswith("@32") and cells[4].endswith("@299")
     assert row("resnet20", {})[4].endswith("@224")
+
+
+def test_shipped_cards_are_what_their_json_renders():
+    # a card's markdown is generated from its JSON (`--card-only` rewrites it): an edit to either
+    # alone, or to the generator without regenerating, shows here
+    from tools.export_weights import CARDS_DIR, WEIGHTS_DIR, model_card
+
+    for path in sorted(WEIGHTS_DIR.glob("*.json")):
+        card = json.loads(path.read_text())
+        assert (CARDS_DIR / f"{path.stem}.md").read_text() == model_card(card), f"regenerate {path.stem}'s card"
+
+
+def test_card_only_needs_an_entry_and_no_data(tmp_path):
+    # --card-only reads the JSON and measures nothing: no run folder, no --data-root
+    run = [sys.executable, "-m", "tools.export_weights", "--card-only"]
+    out = subprocess.run(run, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "name one with --entry" in out.stderr and "resnet20" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "tools.export_weights", "runs/x"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "--data-root" in out.stderr

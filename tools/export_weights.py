@@ -134,19 +134,24 @@ def run_eval(overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="the finished run to export (not with --card-only)")
     parser.add_argument("--entry", help="entry name (default: <model>[.w<width>])")
-    parser.add_argument("--data-root", required=True, help="data.root for the validation measurement")
+    parser.add_argument("--data-root", help="data.root for the validation measurement (required to export)")
     parser.add_argument("--hardware", default=this_machine(), help="where the run trained (default: this machine, %(default)s)")
     parser.add_argument("--notes", default="", help="a sentence on what this budget reached")
     parser.add_argument("--init-hardware", default="unknown",
                         help="where the run the weights started from trained (a run with init_weights=<that run's checkpoint>)")
     parser.add_argument("--card-only", action="store_true", help="rewrite docs/model_cards/<entry>.md from the card")
     args = parser.parse_args()
-    if args.card_only:
+    if args.card_only:  # the card's JSON is the source: nothing is measured, so no run or data is needed
+        if not args.entry or not (WEIGHTS_DIR / f"{args.entry}.json").is_file():
+            parser.error(f"--card-only rewrites a shipped card: name one with --entry "
+                         f"({', '.join(sorted(p.stem for p in WEIGHTS_DIR.glob('*.json')))})")
         card = json.loads((WEIGHTS_DIR / f"{args.entry}.json").read_text())
         (CARDS_DIR / f"{args.entry}.md").write_text(model_card(card))
         return
+    if args.run_dir is None or args.data_root is None:
+        parser.error("exporting needs the run folder and --data-root (the validation data it is measured on)")
 
     run = args.run_dir
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -258,8 +263,8 @@ def budget_note(card: dict) -> str:
                 f"stopped there; its final weights' EMA then started a new {r['epochs']}-epoch cosine on {r['hardware']} "
                 f"({r['wall_seconds'] / 3600:.2f} h).")
     else:
-        note = (f"**Budget.** {r['epochs']} epochs in {r['wall_seconds'] / 3600:.2f} h on {r['hardware']}: what the project's "
-                f"default recipe reaches in that budget.")
+        note = (f"**Budget.** {r['epochs']} epochs in {r['wall_seconds'] / 3600:.2f} h on {r['hardware']}: what the recipe in the "
+                f"command below (the defaults of its day, docs/recipe.md) reaches in that budget.")
     peer = PUBLISHED.get(card["entry"])
     if peer:
         note += f" For scale, the published CIFAR-10 test accuracy of this architecture is {peer.acc} after {peer.epochs} GPU epochs ({peer.source})."

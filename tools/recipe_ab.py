@@ -51,11 +51,23 @@ def load_runs(folders: list[Path]) -> list[dict]:
 
 
 def _change(run: dict, base: dict | None) -> list[str]:
-    """`key=value` for each recipe key where run differs from base (nothing when there is no base)."""
+    """Each recipe key where run differs from base, written as the override that sets it (nothing when
+    there is no base): `+key=value` for a key base's config lacks (Hydra refuses `key=value` for a key
+    the config does not have, e.g. under `model.kwargs: {}`), `~key` for one run's lacks, booleans and
+    None as YAML spells them. A key a config group sets reads as its value, not as the group's
+    override: `optim.schedule=linear` is what `optim/scheduler=linear` trained."""
     if base is None:
         return []
     keys = sorted(k for k in run["recipe"].keys() | base["recipe"].keys() if run["recipe"].get(k) != base["recipe"].get(k))
-    return [f"{k}={run['recipe'].get(k, '(unset)')}" for k in keys]
+    return [f"~{k}" if k not in run["recipe"] else f"{'' if k in base['recipe'] else '+'}{k}={_value(run['recipe'][k])}"
+            for k in keys]
+
+
+def _value(value) -> str:
+    """A config value as an override writes it: true/false/null as YAML spells them, the rest as printed."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _acc(run: dict) -> float:

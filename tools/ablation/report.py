@@ -81,13 +81,15 @@ def _ms(x: float | None) -> str:
 def table_row(key: tuple, runs: Sequence[dict]) -> list[str]:
     model, width, _, mode, k, epochs = key
     label = mode + (f" (k={k})" if mode == "pointwise_kxk" and k not in (None, 3) else "")
-    ips = _median(runs, "train_img_s")
+    # one figure per run, in seed order, never pooled: seeds of one row were often trained on
+    # different machines (a lent GPU, a CPU with or without bf16), so a median would be no run's speed
+    ips = " / ".join("n/a" if r.get("train_img_s") is None else f"{float(r['train_img_s']):,.0f}" for r in runs)
     seeds = " ".join(str(r.get("seed")) for r in runs)
     notes = sorted({r.get("note") or "" for r in runs} - {""})
     return [f"`{model}`", f"{width:g}", label, "n/a" if epochs is None else str(epochs), f"{len(runs)} (seed {seeds})",
             f"{runs[0]['params'] / 1e6:,.2f} M", f"{runs[0]['macs'] / 1e6:,.2f} M",
             _ms(_median(runs, "latency_b1_ms")), _ms(_median(runs, "latency_b64_ms")),
-            "n/a" if ips is None else f"{ips:,.0f}", _acc(runs), "; ".join(notes)]
+            ips, _acc(runs), "; ".join(notes)]
 
 
 def family_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
@@ -272,8 +274,9 @@ def write_report(rows: Sequence[dict[str, Any]], csv_path: Path, out: Path, plot
         "- **val acc**: validation accuracy of a run's final weights (their EMA; runs measured before "
         "2026-11-27 and the 2-epoch rows: the best epoch's); rows average the seeds of one architecture and schedule "
         "(mean ± sample std, n). Each run's own value is in the CSV.",
-        "- **train img/s**: training throughput the pipeline measured during the run (median over seeds); the runs "
-        "shared the machine with other jobs, so compare it loosely.",
+        "- **train img/s**: training throughput the pipeline measured during each run, one figure per seed in the "
+        "runs column's order (seeds were trained on different machines; the note says which); the runs shared "
+        "the machine with other jobs, so compare it loosely.",
         f"- **latency**: measured on {measured_on(rows)} by `python -m tools.ablation latency <results.csv>`, which "
         "times every row's architecture again in one call (a fresh init of the row's model, width and conv_mode: "
         "latency does not depend on the weights, and runs trained elsewhere left none here; `tools.ablation measure` "
