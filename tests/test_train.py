@@ -575,3 +575,14 @@ def test_a_gpu_step_reads_nothing_back_and_the_nan_guard_still_stops_before_savi
     assert str(run / "checkpoints" / "last.ckpt") in str(err.value)
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_train_py_returns_the_final_weights_accuracy(monkeypatch):
+    # what a Hydra sweeper optimizes: the accuracy of what export ships (the final EMA), not the best epoch's
+    import importlib
+
+    import training.pipeline
+
+    monkeypatch.setattr(training.pipeline, "train", lambda cfg: {"final_val_acc": 0.7, "best_val_acc": 0.9})
+    train_py = importlib.import_module("train")
+    assert train_py.main.__wrapped__(compose_config("train", [])) == 0.7
