@@ -287,3 +287,15 @@ def test_card_only_needs_an_entry_and_no_data(tmp_path):
     assert out.returncode == 2 and "name one with --entry" in out.stderr and "resnet20" in out.stderr
     out = subprocess.run([sys.executable, "-m", "tools.export_weights", "runs/x"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "--data-root" in out.stderr
+
+
+def test_export_refuses_a_run_no_card_could_rebuild():
+    from tools.export_weights import check_exportable
+
+    model = {"name": "resnet20", "width": 1.0, "stem": "cifar", "conv_mode": "separable", "kwargs": {}}
+    data = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    check_exportable(model, data)  # a plain build exports
+    with pytest.raises(SystemExit, match=r"model.kwargs \{'shortcut': 'pad'\}.*eval.py ckpt_path="):
+        check_exportable({**model, "kwargs": {"shortcut": "pad"}}, data)
+    with pytest.raises(SystemExit, match="data.mean is null"):
+        check_exportable(model, {**data, "mean": None})

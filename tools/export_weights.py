@@ -38,6 +38,7 @@ from training.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS_DIR = REPO / "docs" / "model_cards"
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}  # data.name -> how a card writes it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,21 @@ def eval_overrides(model_cfg: dict, data_root: str, run_dir: Path, source: list[
     ]  # fmt: skip
 
 
+def check_exportable(model_cfg: dict, data_cfg: dict) -> None:
+    """Refuse, before anything is measured or written, a run a card could not rebuild: an entry is
+    built from name, width, stem and conv_mode alone (`models.pretrained`), and its card states the
+    normalisation its evaluation uses."""
+    if model_cfg.get("kwargs"):
+        raise SystemExit(
+            f"error: the run was trained with model.kwargs {dict(model_cfg['kwargs'])}, which a shipped entry cannot "
+            "carry (an entry is rebuilt from name, width, stem and conv_mode only); evaluate it with "
+            "`python eval.py ckpt_path=<run>/checkpoints/last.ckpt` instead, or train without those options")
+    missing = [k for k in ("mean", "std") if data_cfg.get(k) is None]
+    if missing:
+        raise SystemExit(f"error: the run's data.{' and data.'.join(missing)} is null, and a card must state the "
+                         "normalisation its weights expect; train with the data set's mean and std (the data config's default)")
+
+
 def card_eval_command(model_cfg: dict, data_root: str) -> str:
     """The card's `eval.py` command: the entry's build as overrides, so `pretrained=true` resolves to
     this entry (`models.pretrained.resolve_entry`); stem and conv_mode are named where they are not
@@ -159,6 +175,7 @@ def main() -> None:
     # the command that trained it; a resumed leg's ckpt_path is not part of the recipe
     overrides = [o for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) if not o.startswith("ckpt_path=")]
     model_cfg, data_cfg = config["model"], config["data"]
+    check_exportable(model_cfg, data_cfg)
     entry = args.entry or default_entry(model_cfg)
     final = run / "checkpoints" / "last.ckpt"
     state = model_state_dict(read_checkpoint(str(final)))
@@ -188,7 +205,8 @@ def main() -> None:
         "std": data_cfg["std"],
         "eval_transform": "32x32 RGB uint8 -> float in [0, 1] -> normalize(mean, std); no resize, no crop",
         "val_split": {"size": data_cfg["val_size"], "seed": data_cfg["split_seed"], "stratified": True,
-                      "carved_from": "the CIFAR-10 training split (data.root/train); the test split was not used"},
+                      "carved_from": f"the {DATASET_NAMES.get(data_cfg['name'], data_cfg['name'])} training split "
+                                     "(data.root/train); the test split was not used"},
         "recipe": {
             "command": train_command(overrides, config),
             "config": repo_relative(config),
