@@ -156,8 +156,8 @@ def _build(name: str, num_classes: int, stem: str, width: float, conv_mode, in_c
     builder = _check_name(name)
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, pooled features out), got {num_classes!r}")
     if not (isinstance(width, (int, float)) and width > 0):
         raise ValueError(f"width must be a positive number, got {width!r}")
     mode = ConvMode(conv_mode, kwargs.pop("pointwise_kernel_size", 3)) if isinstance(conv_mode, str) else conv_mode
@@ -179,7 +179,11 @@ def _build(name: str, num_classes: int, stem: str, width: float, conv_mode, in_c
     if unknown:
         options = list(_API_OPTIONS) + [p for p in accepted if p not in _API_OPTIONS]
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; valid options: {', '.join(options)}")
-    model = builder(num_classes=num_classes, stem=stem, width=float(width), conv_mode=mode, **kwargs)
+    # num_classes=0 is timm's feature extractor: built with a head, then the head removed, as
+    # reset_classifier(0) does on any model, so both ways give the same network
+    model = builder(num_classes=num_classes or 1, stem=stem, width=float(width), conv_mode=mode, **kwargs)
+    if num_classes == 0:
+        model.reset_classifier(0)
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         model.pretrained_cfg = {"architecture": name, **cfg}

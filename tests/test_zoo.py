@@ -68,7 +68,7 @@ def test_every_model_has_a_linear_classifier():
         (dict(name="resnet20", stem="tiny"), r"unknown stem 'tiny'; valid stems: cifar, imagenet"),
         (dict(name="resnet20", conv_mode="dense"), r"unknown conv_mode 'dense'; valid conv_mode values: separable, full"),
         (dict(name="resnet20", width=0), r"width must be a positive number"),
-        (dict(name="resnet20", num_classes=0), r"num_classes must be a positive int"),
+        (dict(name="resnet20", num_classes=-1), r"num_classes must be an int >= 0"),
         (dict(name="resnet20", colour="red"), r"unknown option\(s\) \['colour'\] for model 'resnet20'; valid options"),
     ],
 )
@@ -103,3 +103,20 @@ def test_convert_state_dict_rejects_bad_source_and_name():
         models.convert_state_dict("nope", {}, "timm")
     with pytest.raises(ValueError, match="has no .* twin"):
         models.convert_state_dict("resnet20", {}, "torchvision")
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_num_classes_zero_is_a_feature_extractor(name):
+    # timm's create_model(name, num_classes=0): no classifier, the pooled features come out; the same
+    # network as a model built with a head whose reset_classifier(0) took it off
+    torch.manual_seed(0)
+    plain = create_model(name, num_classes=0, width=0.25)
+    torch.manual_seed(0)
+    headless = create_model(name, num_classes=1, width=0.25)
+    headless.reset_classifier(0)
+    assert isinstance(plain.get_classifier(), nn.Identity) and plain.num_classes == 0
+    assert plain.pretrained_cfg["num_classes"] == 0
+    x = torch.randn(2, 3, 32, 32)
+    out = plain.eval()(x)
+    assert out.shape == (2, plain.num_features)
+    torch.testing.assert_close(out, headless.eval()(x), rtol=0, atol=0)
