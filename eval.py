@@ -1,6 +1,6 @@
 """Evaluate a checkpoint (or shipped weights) on the test split, or validation when there is none.
 
-    python eval.py ckpt_path=runs/<...>/checkpoints/best.ckpt
+    python eval.py ckpt_path=runs/<...>/checkpoints/last.ckpt     # the final weights (their EMA)
     python eval.py ckpt_path=<file> eval.tta=true                 # + flip test-time augmentation
     python eval.py model=mobilenet_v2 pretrained=true             # shipped weights (models/weights/)
 

@@ -227,7 +227,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | Iterable, backend: st
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     batches = _calibration_batches(calibration, max_images)
-    fused = fuse(model.eval())
+    fused = fuse(model)  # an eval-mode copy: the caller's model keeps its mode (a training loop's BN statistics)
     calibrate_method = {"minmax": quantization.CalibrationMethod.MinMax,
                         "percentile": quantization.CalibrationMethod.Percentile,
                         "entropy": quantization.CalibrationMethod.Entropy}[method]

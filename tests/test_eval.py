@@ -155,6 +155,20 @@ def test_pretrained_weights_are_evaluated_when_the_zoo_has_them(tmp_path, monkey
     assert calls == [("resnet20", True, 0.25)] and report["split"] == "test" and report["source"] == "pretrained resnet20"
 
 
+def test_pretrained_weights_on_data_with_other_classes_are_refused(tmp_path, cifar_root):
+    # resnet20's CIFAR-10 weights on CIFAR-100 would get a random 100-class head (what fine-tuning
+    # starts from) and score ~1% top-1 without a word: eval.py names both data sets and the fix
+    from conftest import make_cifar_files
+
+    cifar100 = make_cifar_files(tmp_path / "c100", name="cifar100")
+    with pytest.raises(ConfigError, match=r"'resnet20' was trained on cifar10 \(10 classes: airplane.*data=cifar100 has 100 "
+                                          r"classes.*data=cifar10\).*train.py model=resnet20 pretrained=true data=cifar100"):
+        run_eval(tmp_path, "model=resnet20", "pretrained=true", "data=cifar100", f"data.root={cifar100}", "data.val_size=20")
+    # the shipped weights on their own data set's classes evaluate
+    report = run_eval(tmp_path, "model=resnet20", "pretrained=true", f"data.root={cifar_root}", "data.val_size=20")
+    assert report["source"] == "pretrained resnet20" and report["num_images"] == 40
+
+
 def test_eval_int8_quantizes_after_loading_and_calibrates_on_training_images_only(trained_run, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     from training.data import CifarDataModule

@@ -81,6 +81,17 @@ def test_weight_type_sets_the_stored_weights_type(weight_type, card, stored):
     assert ((q(x) - ref).norm() / ref.norm()).item() < 0.2
 
 
+def test_quantize_leaves_the_callers_model_as_it_was():
+    """A training loop that quantizes to check int8 accuracy keeps a model in train mode (its BN
+    statistics still update) with the same weights and buffers."""
+    model = random_model("resnet20").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, torch.randn(8, 3, 32, 32))
+    assert all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_calibration_accepts_batches_and_the_file_round_trips(tmp_path):
     model = random_model("resnet20")
     loader = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)) for _ in range(3)]

@@ -299,3 +299,39 @@ def test_export_refuses_a_run_no_card_could_rebuild():
         check_exportable({**model, "kwargs": {"shortcut": "pad"}}, data)
     with pytest.raises(SystemExit, match="data.mean is null"):
         check_exportable(model, {**data, "mean": None})
+
+
+def test_slim_runs_replaces_last_ckpt_whole_or_not_at_all(tmp_path, monkeypatch):
+    # last.ckpt is a run's only final weights once best.ckpt is gone: a write that dies half-way
+    # (kill, full disk) must leave the old file, and a finished one the slim file and no temp file
+    import torch
+
+    from tools import slim_runs
+    from training.checkpoints import read_checkpoint
+
+    ckpts = tmp_path / "runs" / "r" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    ema = {"w": torch.randn(4, 3), "b": torch.randn(4)}
+    full = {"state_dict": {f"model.{k}": v + 1 for k, v in ema.items()}, "ema_state_dict": ema, "optimizer_states": [{}],
+            "epoch": 3, "global_step": 30, "hyper_parameters": {"config": {"model": {"name": "resnet20"}}}}
+    for name in ("last.ckpt", "best.ckpt"):
+        torch.save(full, ckpts / name)
+    original = (ckpts / "last.ckpt").read_bytes()
+
+    def dies_mid_write(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"\x80\x02 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", dies_mid_write)
+        with pytest.raises(OSError, match="No space left"):
+            slim_runs.main([str(tmp_path / "runs")])
+    assert (ckpts / "last.ckpt").read_bytes() == original
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+    slim_runs.main([str(tmp_path / "runs")])
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]  # no temp file, best.ckpt dropped
+    slim = read_checkpoint(ckpts / "last.ckpt")
+    assert set(slim) == {"hyper_parameters", "epoch", "global_step", "ema_state_dict"}
+    assert all(torch.equal(slim["ema_state_dict"][k], v) for k, v in ema.items()) and slim["ema_state_dict"].keys() == ema.keys()

@@ -14,6 +14,7 @@ below fp16's normal range would lose its digits.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +36,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for last in sorted(args.folder.glob("*/checkpoints/last.ckpt")):
         before = last.stat().st_size
-        torch.save(slim(read_checkpoint(last), args.half), last)
+        # a temp file beside it, then os.replace: a kill or a full disk mid-write leaves the run's only
+        # final weights whole (the old last.ckpt), never truncated
+        tmp = last.with_suffix(f".tmp{os.getpid()}")
+        try:
+            torch.save(slim(read_checkpoint(last), args.half), tmp)
+            os.replace(tmp, last)
+        finally:
+            tmp.unlink(missing_ok=True)
         (last.parent / "best.ckpt").unlink(missing_ok=True)
         print(f"{last}: {before / 1e6:.1f} MB -> {last.stat().st_size / 1e6:.1f} MB")
 

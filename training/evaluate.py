@@ -107,6 +107,8 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
         check_int8_available()
         if int8_calibration_images < 1:
             raise ConfigError(f"eval.int8_calibration_images={int8_calibration_images}: give at least 1 training image")
+    if ckpt is None and config.get("pretrained"):
+        check_pretrained_fits_data(config["model"], config["data"])
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config["seed"], verbose=False)
@@ -151,6 +153,30 @@ def evaluate_model(config: dict, ckpt: dict | None, *, tta: bool = False, split:
                        title=f"{config['model']['name']}{' int8' if int8 else ''} on {config['data']['name']} {report['split']} (top-1 {100 * report['top1']:.2f}%)")
         print_rank_zero(format_eval_report(report, run_dir))
     return report
+
+
+def check_pretrained_fits_data(model_cfg: dict, data_cfg: dict) -> None:
+    """Shipped weights scored on data with another number of classes would get a fresh, random
+    classifier (`create_pretrained` starts one for fine-tuning, which train.py wants) and score about
+    chance, silently: for eval.py that is a ConfigError naming both data sets and the fix."""
+    from models.pretrained import PretrainedError, pretrained_meta, resolve_entry
+
+    name = model_cfg.get("name")
+    try:
+        entry = resolve_entry(name, model_cfg.get("stem", "cifar"), model_cfg.get("width", 1.0), model_cfg.get("conv_mode", "separable"))
+    except PretrainedError:
+        return  # no such entry: building the model says so, with the entries there are
+    meta = pretrained_meta(entry)
+    trained, wanted = int(meta["build"]["num_classes"]), int(data_cfg["num_classes"])
+    if trained != wanted:
+        names = list(meta.get("classes") or [])
+        classes = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ConfigError(
+            f"pretrained {entry!r} was trained on {meta.get('dataset')} ({trained} classes: {classes}), but "
+            f"data={data_cfg.get('name')} has {wanted} classes: its classifier would be replaced by a random one and "
+            f"score about chance. Evaluate it on {meta.get('dataset')} (data={meta.get('dataset')}), or fine-tune it first "
+            f"(python train.py model={name} pretrained=true data={data_cfg.get('name')}) and evaluate that run's "
+            f"checkpoints/last.ckpt")
 
 
 def check_int8_available() -> None:
