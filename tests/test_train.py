@@ -173,6 +173,45 @@ def test_weight_ema_averages_weights_and_bn_buffers_and_is_what_validation_sees(
     assert summary["final_val_acc"] == pytest.approx(run_eval()["top1"]) and summary["ema_decay"] == 0.9
 
 
+def test_weight_ema_takes_one_step_per_optimizer_step_when_accumulating_gradients(compose_train, tmp_path):
+    class RecordSteps(RecordWeights):  # the model after each optimizer step, not each batch
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == len(self.states):
+                self._record(pl_module)
+
+    # 4 batches an epoch, 2 per optimizer step: 4 steps in 2 epochs
+    record = RecordSteps()
+    train(compose_train("optim.ema_decay=0.9", "trainer.accumulate_grad_batches=2"), callbacks=[record])
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4 and len(record.states) == 5
+    expected = record.states[0]
+    for step, state in enumerate(record.states[1:], start=1):
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = {k: expected[k] * d + v * (1 - d) if v.is_floating_point() else v for k, v in state.items()}
+    ema = ckpt["ema_state_dict"]
+    for k in ema:
+        assert torch.allclose(ema[k], expected[k], atol=1e-6), k
+
+
+def test_validating_every_n_epochs_still_saves_every_epoch_and_reports_the_final_weights(compose_train, tmp_path):
+    # the third of 3 epochs is not validated (trainer.check_val_every_n_epoch=2): last.ckpt still holds
+    # it, and final_val_acc is its EMA's accuracy (what export ships), also when a resume had nothing to train
+    from conftest import eval_overrides
+    from training.evaluate import evaluate
+
+    common = ["trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"]
+    summary = train(compose_train(*common))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["epoch"] == 2
+    overrides = [*eval_overrides(tmp_path / "eval", tmp_path / "cache"), f"ckpt_path={last}"]
+    report = evaluate(compose_config("eval", overrides), overrides=overrides)
+    final_val_loss = float([r for r in metrics_rows(tmp_path / "run") if r["val/loss"]][-1]["val/loss"])
+    assert report["split"] == "val" and report["loss"] == pytest.approx(final_val_loss, rel=1e-4)  # validated at the end
+    assert summary["final_val_acc"] == pytest.approx(report["top1"])
+    resumed = train(compose_train(*common, f"ckpt_path={last}"))
+    assert resumed["final_val_acc"] == pytest.approx(report["top1"])
+
+
 def test_ema_off_and_bad_decay(compose_train, tmp_path):
     train(compose_train("optim.ema_decay=null", "trainer.max_epochs=1"))
     assert "ema_state_dict" not in read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
@@ -409,6 +448,16 @@ def test_bad_data_root_says_what_layout_is_expected(compose_train, tmp_path, kin
         train(compose_train("data.download=false", data_root=root))
     assert "<root>/train/<class>/*.png" in str(err.value) and "data.download=true" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=0", r"data.batch_size=0: .*e.g. data.batch_size=256"),
+    ("optim.lr=-0.1", r"optim.lr=-0.1: .*e.g. optim.lr=0.2"),
+])
+def test_bad_batch_size_or_learning_rate_is_named_before_anything_is_built(compose_train, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train(override))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_resuming_from_a_checkpoint_of_another_architecture_names_the_keys(compose_train, trained_run):

@@ -1,5 +1,5 @@
 """Callbacks: throughput/wall-time accounting that survives a resume; one log line per epoch; the
-weight EMA; the best checkpoint's epoch."""
+weight EMA; the best checkpoint's epoch; the step of the last validation."""
 
 from __future__ import annotations
 
@@ -164,6 +164,7 @@ class WeightEMA(L.Callback):
         self.decay = decay
         self.average: dict[str, torch.Tensor] | None = None
         self._raw: dict[str, torch.Tensor] | None = None
+        self._step = 0  # trainer.global_step at the last update
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # after the strategy moved the model to its device and a resumed checkpoint was restored
@@ -179,9 +180,17 @@ class WeightEMA(L.Callback):
         self._live = [v for a, v in pairs if a.is_floating_point()]
         self._counters = [(a, v) for a, v in pairs if not a.is_floating_point()]  # e.g. BN's num_batches_tracked
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the restored step of a resumed run (restored after on_fit_start); checkpoints are written
+        # after an epoch's last batch, which always steps, so no update is owed from before them
+        self._step = trainer.global_step
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # already counts the step just taken
+        if step == self._step:  # trainer.accumulate_grad_batches > 1: no optimizer step after this batch
+            return
+        self._step = step
         weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
         torch._foreach_lerp_(self._avg, self._live, weight)
         for a, v in self._counters:
@@ -243,3 +252,17 @@ class BestEpoch(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._score = state.get("epoch"), state.get("score")
+
+
+class LastValidation(L.Callback):
+    """`step`: trainer.global_step at the end of the last validation (None before one). The run's
+    final `val/acc` is of its final weights only if that is the final step: with
+    trainer.check_val_every_n_epoch > 1 the last epochs may go unvalidated, and a resumed run that
+    had nothing left to train validates nothing."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step

@@ -670,6 +670,13 @@ class CifarDataModule(L.LightningDataModule):
         self.loader = self.cfg.get("loader", "fast")
         if self.loader not in ("fast", "torchvision"):
             raise DataError(f"data.loader={self.loader!r}: choose fast or torchvision")
+        # read as _loader reads them (a null or 0 eval_batch_size means batch_size's): a size below 1
+        # would surface as a ZeroDivisionError from the loader's length
+        for key, value, example in (("batch_size", self.cfg.get("batch_size", 256), 256),
+                                    ("eval_batch_size", self.cfg.get("eval_batch_size") or 1, 1024)):
+            if not (isinstance(value, int) and value > 0):
+                raise ConfigError(f"data.{key}={value}: give a positive number of images per batch (per process), "
+                                  f"e.g. data.{key}={example}")
         self.train_source: SplitSource | None = None
         self.test_source: SplitSource | None = None
         self.splits: dict[str, tuple[Any, torch.Tensor]] = {}

@@ -117,6 +117,15 @@ def optim_targets(optim: dict) -> tuple[dict, dict]:
             {"_target_": SCHEDULES[schedule], "_partial_": True, **sched})
 
 
+def check_lr(optim: dict) -> None:
+    """A negative learning rate is a ConfigError naming the key, before anything is built (torch's
+    optimizers would refuse it only when fit starts, with a traceback)."""
+    for key, lr in (("optim.lr", optim.get("lr")), ("optim.optimizer.lr", (optim.get("optimizer") or {}).get("lr"))):
+        if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ConfigError(f"{key}={lr}: a learning rate is a number of 0 or more, e.g. optim.lr=0.2 (optim=sgd) "
+                              "or optim.lr=2e-3 (optim=adamw), the defaults at data.batch_size=256")
+
+
 def _instantiate(spec: dict, where: str):
     try:
         return instantiate(spec, _convert_="all")
@@ -181,6 +190,7 @@ class ClassifierModule(L.LightningModule):
         data, optim = config["data"], config.get("optim") or {}
         self.num_classes = int(data["num_classes"])
         self.class_names = list(data.get("classes") or range(self.num_classes))
+        check_lr(optim)
         self.model = build_model(config["model"], self.num_classes, pretrained=bool(config.get("pretrained", False)))
         self.label_smoothing = float(optim.get("label_smoothing", 0.0))
         distill = config.get("distill") or {}  # absent from checkpoints written before distillation

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 
 from .allocator import keep_freed_memory
-from .callbacks import BestEpoch
+from .callbacks import BestEpoch, LastValidation
 from .checkpoints import check_compatible, checkpoint_config, describe_model, model_state_dict, read_checkpoint
 from .config import to_plain
 from .data import CifarDataModule
@@ -229,8 +229,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
 
     named = make_callbacks(config)
     checkpoint, last, meter, ema = named["best_checkpoint"], named["last_checkpoint"], named["throughput"], named.get("ema")
-    best_epoch = BestEpoch(checkpoint)
-    trainer = make_trainer(config, run_dir, [*named.values(), best_epoch, *callbacks], make_loggers(config), plugins=plugins)
+    best_epoch, validated = BestEpoch(checkpoint), LastValidation()
+    trainer = make_trainer(config, run_dir, [*named.values(), best_epoch, validated, *callbacks], make_loggers(config),
+                           plugins=plugins)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
 
@@ -248,6 +249,11 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
 
     best_path = checkpoint.best_model_path or last.best_model_path
     final_val = trainer.callback_metrics.get("val/acc")
+    if final_val is None or validated.step != trainer.global_step:
+        # the final weights went unvalidated (trainer.check_val_every_n_epoch > 1, or a resume with
+        # nothing left to train): validate them now, their EMA swapped in as every epoch's validation does
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        final_val = results[0].get("val/acc") if results else None
     test_acc = None
     if datamodule.has_test and last.best_model_path:
         # the final weights (their EMA when the run kept one): what last.ckpt holds and export ships,
