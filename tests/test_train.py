@@ -460,6 +460,25 @@ def test_bad_batch_size_or_learning_rate_is_named_before_anything_is_built(compo
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.epochs=1"], r"optim.epochs=1 is shorter than trainer.max_epochs=2.*cannot step past its end"),
+    (["optim.warmup_epochs=2"], r"optim.warmup_epochs is as long as the schedule or longer"),
+])
+def test_a_one_cycle_schedule_that_cannot_run_is_named(compose_train, overrides, message):
+    # torch's OneCycleLR raises its own error at the step past its end (or at fit start): named here first
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train("optim/scheduler=onecycle", *overrides))
+
+
+def test_resuming_a_one_cycle_run_with_another_length_is_refused(compose_train, tmp_path):
+    first = train(compose_train("optim/scheduler=onecycle", "optim.warmup_epochs=0.5", "trainer.max_epochs=1",
+                                run_dir=tmp_path / "one"))
+    with pytest.raises(ConfigError, match=r"cannot be stretched.*trainer.max_epochs"):
+        train(compose_train("optim/scheduler=onecycle", "optim.warmup_epochs=0.5", "trainer.max_epochs=2",
+                            f"ckpt_path={first['last_ckpt']}",
+                            run_dir=tmp_path / "one"))
+
+
 def test_resuming_from_a_checkpoint_of_another_architecture_names_the_keys(compose_train, trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     with pytest.raises(CheckpointError) as err:

@@ -70,11 +70,28 @@ def warmup_linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
         optimizer, lambda s: warmup_linear(s, total_steps, warmup_steps, start_factor, final_factor))
 
 
+class OneCycle(torch.optim.lr_scheduler.OneCycleLR):
+    """torch's OneCycleLR, which raises mid-run once stepped past `total_steps`: a checkpoint whose
+    schedule has another length (a resume with another trainer.max_epochs or optim.epochs) is refused
+    when it is loaded, with the fix, instead of failing with torch's error at that step."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("total_steps") != self.total_steps:
+            raise ConfigError(
+                f"the checkpoint's one-cycle schedule spans {state_dict.get('total_steps')} steps and this run's "
+                f"{self.total_steps}: a one-cycle schedule cannot be stretched, so resume with the trainer.max_epochs "
+                "(and optim.epochs) the run was started with, or start a new run from its weights (init_weights=<ckpt>)")
+        super().load_state_dict(state_dict)
+
+
 def one_cycle_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, max_lr: float,
                        cycle_momentum: bool = True) -> torch.optim.lr_scheduler.LRScheduler:
     """torch's OneCycleLR, rising to `max_lr` over the warm-up steps."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(max_lr), total_steps=total_steps,
-                                               pct_start=max(warmup_steps / total_steps, 1e-3), cycle_momentum=cycle_momentum)
+    if warmup_steps >= total_steps:  # OneCycleLR needs steps left after the rise (else it divides by zero)
+        raise ConfigError(f"optim.warmup_epochs is as long as the schedule or longer ({warmup_steps} of {total_steps} "
+                          "steps): give fewer warm-up epochs or more trainer.max_epochs")
+    return OneCycle(optimizer, max_lr=float(max_lr), total_steps=total_steps,
+                    pct_start=max(warmup_steps / total_steps, 1e-3), cycle_momentum=cycle_momentum)
 
 
 def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -376,6 +393,10 @@ class ClassifierModule(L.LightningModule):
         self.trainer.estimated_stepping_batches  # noqa: B018  (sets num_training_batches)
         steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         epochs = float(cfg.get("epochs") or self.trainer.max_epochs)
+        if cfg.get("schedule") == "onecycle" and epochs < self.trainer.max_epochs:  # OneCycleLR raises past its end
+            raise ConfigError(f"optim.epochs={cfg.get('epochs')} is shorter than trainer.max_epochs={self.trainer.max_epochs}, "
+                              "and a one-cycle schedule cannot step past its end: leave optim.epochs unset, or set "
+                              "trainer.max_epochs to it")
         total = max(1, int(epochs * steps_per_epoch))
         warmup = int(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)
         sched = call_with(_instantiate(sched_spec, "optim.scheduler"), opt, total_steps=total, warmup_steps=warmup,
