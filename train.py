@@ -3,7 +3,7 @@
     python train.py model=mobilenet_v2 data=cifar10
     python train.py model=resnet20 data.root=../shared/data/cifar10 trainer.max_epochs=10
     python train.py -m model=mobilenet_v2,resnet20 seed=0,1          # a sweep
-    python train.py ckpt_path=runs/<...>/checkpoints/last.ckpt       # resume
+    python train.py model=resnet20 ckpt_path=runs/<...>/checkpoints/last.ckpt  # resume: the same overrides + ckpt_path
 
 Configs live in configs/ (train.yaml and its groups); the work is done in training/pipeline.py.
 """
