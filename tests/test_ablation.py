@@ -144,7 +144,7 @@ def test_a_key_added_to_the_config_later_is_not_a_recipe_difference(tmp_path, ca
 
 
 def test_recipe_differences_are_what_trains_not_where_or_how_fast(tmp_path):
-    # one rule for both comparisons (tools.ablation.runs.training_recipe, also tools.recipe_ab's):
+    # one rule for both comparisons (training.config.training_recipe, also tools.recipe_ab's and a resume's):
     # threads, the data's folder and progress bars are not the recipe; gradient clipping is
     from tools.ablation.runs import find_runs, recipe_differences
 

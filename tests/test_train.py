@@ -363,6 +363,38 @@ def test_best_epoch_comes_from_the_checkpoint_callback_and_survives_resumes(comp
     assert reads.count(str(last)) == 1  # the resumed checkpoint is read once: checked, then handed to Lightning
 
 
+def test_a_resume_names_each_setting_it_changes_of_the_run_that_wrote_the_checkpoint():
+    from training.config import recipe_changes
+
+    before = {"seed": 0, "model": {"name": "resnet20", "width": 1.0}, "cpu_threads": 2,
+              "data": {"root": "a", "num_workers": 2, "batch_size": 256},
+              "optim": {"lr": 0.2, "epochs": 30}, "trainer": {"max_epochs": 30, "enable_progress_bar": False}}
+    same_recipe = {**before, "cpu_threads": 1, "data": {**before["data"], "root": "b", "num_workers": 0},
+                   "trainer": {"max_epochs": 30, "enable_progress_bar": True}}
+    assert recipe_changes(before, same_recipe) == []  # where files are, threads and progress bars
+    changed = {**same_recipe, "seed": 1, "data": {**same_recipe["data"], "batch_size": 128},
+               "optim": {"lr": 0.1, "epochs": 60}, "trainer": {"max_epochs": 60}}
+    assert recipe_changes(before, changed) == ["data.batch_size: 256 -> 128", "optim.lr: 0.2 -> 0.1",
+                                               "seed: 0 -> 1", "trainer.max_epochs: 30 -> 60"]
+    del changed["data"]["batch_size"]
+    assert "data.batch_size: 256 -> '<unset>'" in recipe_changes(before, changed)
+
+
+def test_a_resume_with_other_settings_says_so_and_one_with_the_same_says_nothing(compose_train, tmp_path, caplog):
+    first = train(compose_train("trainer.max_epochs=1", run_dir=tmp_path / "run"))
+    with caplog.at_level("WARNING", logger="training.pipeline"):
+        train(compose_train("trainer.max_epochs=1", "cpu_threads=1", f"ckpt_path={first['last_ckpt']}",
+                            run_dir=tmp_path / "run"))
+    assert not [r for r in caplog.records if "differ from the run" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.pipeline"):
+        train(compose_train("trainer.max_epochs=2", "optim.lr=0.05", f"ckpt_path={first['last_ckpt']}",
+                            run_dir=tmp_path / "run"))
+    [warning] = [r.getMessage() for r in caplog.records if "differ from the run" in r.getMessage()]
+    assert str(first["last_ckpt"]) in warning and "trainer.max_epochs: 1 -> 2" in warning
+    assert "optim.lr: " in warning and "-> 0.05" in warning and "cpu_threads" not in warning
+
+
 def test_resume_folder_is_the_checkpoints_run(tmp_path):
     from training.config import resume_run_dir
 

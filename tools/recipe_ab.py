@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import md_table
-from tools.ablation.runs import training_recipe as recipe
+from training.config import training_recipe as recipe
 
 NAME = re.compile(r"^ab\.(?P<model>[^.]+)\.e(?P<epochs>\d+)\.(?P<variant>[^.]+)(\.s(?P<seed>\d+))?$")
 

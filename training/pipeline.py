@@ -23,7 +23,7 @@ import models
 from .allocator import keep_freed_memory
 from .callbacks import BestEpoch, LastValidation
 from .checkpoints import check_compatible, checkpoint_config, describe_model, model_state_dict, read_checkpoint
-from .config import to_plain
+from .config import recipe_changes, to_plain
 from .data import CifarDataModule
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .module import ClassifierModule
@@ -171,6 +171,17 @@ def _checkpoint_epoch(path: str) -> int | None:
         return None
 
 
+def warn_recipe_changes(ckpt_path: str, before: dict | None, config: dict) -> None:
+    """A resume takes its settings from the command line, not from the checkpoint: say which
+    differ from the run that wrote it, so a forgotten override does not pass silently (a longer
+    trainer.max_epochs is usually meant; another lr or batch size rarely is)."""
+    changes = recipe_changes(before, config) if before else []
+    if changes:
+        log.warning("resuming %s with settings that differ from the run that wrote it; the run continues with "
+                    "this command's:\n  %s\nIf that is not meant, stop now, before an epoch overwrites last.ckpt, and "
+                    "resume with the run's starting command plus ckpt_path.", ckpt_path, "\n  ".join(changes))
+
+
 def full_size_from_weights(config: dict) -> None:
     """Turn data.progressive off (in `config`) for a run that starts from trained weights
     (pretrained, init_weights, qat), unless data.progressive.from_weights=true: the ramp is a
@@ -224,6 +235,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
             # its `qat.*` activation ranges would not load into a float run
             raise ConfigError(f"{ckpt_path} was trained with qat=true (quantization-aware fine-tuning): resume it with "
                               "qat=true; evaluate it with eval.py ckpt_path=... eval.int8=true")
+        warn_recipe_changes(ckpt_path, checkpoint_config(ckpt), config)
         plugins = [ReadOnce(ckpt_path, ckpt)]
         del ckpt
 

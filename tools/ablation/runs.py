@@ -10,23 +10,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import models
+from training.config import training_recipe  # one recipe rule, shared with the pipeline's resume check
 
 MODES = models.ConvMode.MODES
 # Keys of a run config that may differ between the runs of one ablation: the thing ablated, the
 # width (an equal-cost row widens the separable net), where the run lives and the seed; anything
 # else differing means the recipes differ.
 ABLATED = ("model.conv_mode", "model.kwargs.pointwise_kernel_size", "model.width", "seed", "run_dir", "ckpt_path")
-# Config keys whose effect a run's config.yaml already records elsewhere, so runs written before the key
-# existed and after do not differ by it: a run from trained weights has data.progressive.min_size null.
-RECORDED_ELSEWHERE = ("data.progressive.from_weights",)
-# What a recipe is, for both comparisons of runs (this ablation's and tools.recipe_ab's A/Bs): the config
-# keys under these prefixes ...
-RECIPE = ("model.", "data.", "optim.", "distill.", "trainer.max_epochs", "trainer.precision",
-          "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "pretrained", "init_weights", "qat")
-# ... except what does not change what is trained: where files are, how they are read, the teacher's
-# identity (distill.logits names it), and optim's Hydra targets (built from its plain keys)
-NOT_RECIPE = ("data.root", "data.download", "data.cache_dir", "data.num_workers", "data.eval_batch_size",
-              "distill.teacher", "optim.optimizer.", "optim.scheduler.", *RECORDED_ELSEWHERE)
 
 
 @dataclass
@@ -100,27 +90,6 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
     if not runs:
         raise SystemExit(f"error: no finished runs (folders with summary.json) under {', '.join(map(str, folders))}")
     return runs
-
-
-def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"dotted.key": value}; an empty mapping stays a value."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def training_recipe(config: dict) -> dict[str, Any]:
-    """The keys of a resolved run config that shape training, flattened (`optim.lr`: 0.2, ...)."""
-    flat = {k: v for k, v in flatten_config(config).items()
-            if k.startswith(RECIPE) and not k.startswith(NOT_RECIPE) and v != {}}  # model.kwargs: {} sets nothing
-    if flat.get("optim.epochs") == flat.get("trainer.max_epochs"):
-        flat.pop("optim.epochs", None)  # the schedule's length follows the epochs unless set apart
-    return flat
 
 
 def recipe_differences(runs: Sequence[Run]) -> dict[str, list]:
