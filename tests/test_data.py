@@ -173,6 +173,17 @@ def test_fast_loader_never_ends_on_a_single_image_batch():
     assert [len(y) for _, y in loader] == [16]
 
 
+def test_torchvision_loader_never_ends_on_a_single_image_batch_either(tmp_path, imagefolder_root):
+    dm = CifarDataModule(data_cfg(imagefolder_root, tmp_path / "cache", loader="torchvision", num_workers=0), seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    n = len(dm.splits["train"][1])
+    dm.cfg["batch_size"] = n - 1  # n images: one batch of n - 1, then one of 1
+    assert [len(y) for _, y in dm.train_dataloader()] == [n - 1]
+    dm.cfg["batch_size"] = n - 2
+    assert [len(y) for _, y in dm.train_dataloader()] == [n - 2, 2]
+
+
 def test_fast_loader_shards_across_ranks():
     images = torch.randint(0, 256, (21, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(21)

@@ -484,6 +484,7 @@ def test_bad_data_root_says_what_layout_is_expected(compose_train, tmp_path, kin
 
 @pytest.mark.parametrize("override,message", [
     ("data.batch_size=0", r"data.batch_size=0: .*e.g. data.batch_size=256"),
+    ("data.batch_size=1", r"data.batch_size=1: training needs at least 2 images per batch.*BatchNorm"),
     ("optim.lr=-0.1", r"optim.lr=-0.1: .*e.g. optim.lr=0.2"),
 ])
 def test_bad_batch_size_or_learning_rate_is_named_before_anything_is_built(compose_train, tmp_path, override, message):

@@ -826,7 +826,8 @@ class CifarDataModule(L.LightningDataModule):
         size = int(items.shape[-1]) if isinstance(items, torch.Tensor) else 32
         dataset = PerImageDataset(items, labels, per_image_transform(self.mean, self.std, train, pad, flip, size))
         workers = int(self.cfg.get("num_workers", 2))
-        return DataLoader(dataset, batch_size=bs, shuffle=train, num_workers=workers, drop_last=False,
+        # as the fast loader: never end an epoch on a 1-image batch, which BatchNorm cannot normalize on 1x1 maps
+        return DataLoader(dataset, batch_size=bs, shuffle=train, num_workers=workers, drop_last=train and len(dataset) % bs == 1,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self):

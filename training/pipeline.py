@@ -213,6 +213,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     # Everything a user can get wrong is checked before the first step: data, model, checkpoint.
     datamodule = CifarDataModule(config["data"], seed=int(config["seed"]), distill=config.get("distill"),
                                  schedule_epochs=(config.get("optim") or {}).get("epochs"))
+    if int(config["data"].get("batch_size") or 0) == 1:
+        # the networks' last maps are 1x1 with stem=imagenet or progressive resizing's small sizes, where
+        # BatchNorm would get one value per channel and torch fails at the first step with its own words
+        raise ConfigError("data.batch_size=1: training needs at least 2 images per batch, because BatchNorm "
+                          "normalizes each channel over the batch; use e.g. data.batch_size=256 (or 2 and up on "
+                          "little memory)")
     datamodule.locate()
     teacher = datamodule.check_teacher()
     datamodule.check_progressive()
