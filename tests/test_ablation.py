@@ -25,9 +25,9 @@ FAST = ["--repeats", "3", "--threads", "1"]
 
 
 def fake_run(folder: Path, conv_mode: str, seed: int = 0, val_acc: float = 0.5, img_s: float = 100.0,
-             lr: float = 0.2, checkpoint: bool = True) -> dict:
+             lr: float = 0.2, checkpoint: bool = True, kwargs: dict | None = None) -> dict:
     """A run folder as the pipeline writes it: config.yaml, summary.json, checkpoints/best.ckpt."""
-    model_cfg = dict(MODEL, conv_mode=conv_mode)
+    model_cfg = dict(MODEL, conv_mode=conv_mode, kwargs=dict(kwargs or {}))
     folder.mkdir(parents=True)
     config = {"model": model_cfg, "data": {"name": "cifar10", "batch_size": 256, "val_size": 5000},
               "trainer": {"max_epochs": 2, "precision": "bf16-mixed"}, "optim": {"name": "sgd", "lr": lr},
@@ -301,3 +301,21 @@ def test_latency_retimes_every_row_in_one_call(tmp_path, capsys):
     for b, a in zip(original, after):
         assert {k: v for k, v in a.items() if not k.startswith("latency")} == \
             {k: v for k, v in b.items() if not k.startswith("latency")}
+
+
+def test_a_run_with_other_model_kwargs_is_its_own_row_and_is_timed_as_built(tmp_path):
+    from tools.ablation import measure as measure_mod
+    from tools.ablation.results import read
+
+    fake_run(tmp_path / "sweep" / "0", "separable", seed=0, val_acc=0.5)
+    fake_run(tmp_path / "sweep" / "1", "separable", seed=0, val_acc=0.7, kwargs={"dropout": 0.2})
+    csv_path = tmp_path / "r.csv"
+    assert main(["measure", str(tmp_path / "sweep"), "--append", str(csv_path), "--no-latency"]) == 0
+    rows = read(csv_path)
+    assert [r["model_kwargs"] for r in rows] == ["", '{"dropout": 0.2}']
+    assert measure_mod.architecture(rows[1])["kwargs"] == {"dropout": 0.2}
+    assert measure_mod.architecture_key(rows[0]) != measure_mod.architecture_key(rows[1])
+    # never pooled as seeds of one architecture: two rows, each one run
+    assert main(["report", str(csv_path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "mobilenet_v1 (dropout=0.2)" in text and "50.00%" in text and "70.00%" in text and "(n=2)" not in text

@@ -6,6 +6,7 @@ results row per run."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from typing import Any, Sequence
 
 import torch
@@ -64,6 +65,7 @@ def run_row(run: Run, latency: dict[int, Timing] | None = None, threads: int | N
     row: dict[str, Any] = {
         "model": cfg.get("name"), "width": cfg.get("width", 1.0), "stem": cfg.get("stem"), "conv_mode": run.conv_mode,
         "pointwise_kernel_size": run.k if run.conv_mode == "pointwise_kxk" else None,
+        "model_kwargs": model_kwargs(cfg),
         "epochs": s.get("epochs"), "seed": run.seed, "params": s.get("params"), "macs": s.get("macs"),
         # the final weights (their EMA), as shipped: the best epoch would be chosen on this very split
         "val_acc": s.get("final_val_acc", s.get("best_val_acc")), "test_acc": s.get("test_acc"),
@@ -99,9 +101,18 @@ def architecture(row: dict[str, Any]) -> dict[str, Any]:
     """A results row's model config (10 classes: the ablation's CIFAR-10), as `build_model` takes it."""
     cfg: dict[str, Any] = {"name": row["model"], "width": row["width"], "stem": row["stem"] or "cifar",
                            "conv_mode": row["conv_mode"], "num_classes": 10, "kwargs": {}}
+    if row.get("model_kwargs"):
+        cfg["kwargs"].update(json.loads(row["model_kwargs"]))
     if row["conv_mode"] == "pointwise_kxk" and row.get("pointwise_kernel_size"):
         cfg["kwargs"]["pointwise_kernel_size"] = row["pointwise_kernel_size"]
     return cfg
+
+
+def model_kwargs(model_cfg: dict[str, Any]) -> str | None:
+    """A run's `model.kwargs` other than pointwise_kernel_size (its own column), as sorted JSON;
+    None when it set none."""
+    other = {k: v for k, v in (model_cfg.get("kwargs") or {}).items() if k != "pointwise_kernel_size"}
+    return json.dumps(other, sort_keys=True) if other else None
 
 
 def retime(rows: list[dict[str, Any]], repeats: int = 20) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ per run, and the published reference points, marked as external."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +37,17 @@ TABLE4 = {"separable": (70.6, 569e6), "full": (71.7, 4866e6)}
 CONVERGED = 30  # epochs: the ablation issue's "converged" (the separable model's accuracy has stopped moving)
 
 
+def variant(row: dict[str, Any]) -> str:
+    """The model as the report names it: with its other model.kwargs, e.g. `mobilenet_v1 (dropout=0.2)`,
+    so a variant is its own row and never pooled with the plain model's seeds."""
+    if not row.get("model_kwargs"):
+        return str(row["model"])
+    kwargs = json.loads(row["model_kwargs"])
+    return f"{row['model']} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
 def _key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["width"], row.get("stem"), row["conv_mode"], row.get("pointwise_kernel_size"),
+    return (variant(row), row["width"], row.get("stem"), row["conv_mode"], row.get("pointwise_kernel_size"),
             row.get("epochs"))
 
 
@@ -110,7 +120,7 @@ def family_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[s
         warnings = []
         schedules: dict[tuple, set] = {}
         for r in members:
-            schedules.setdefault((r["model"], r.get("epochs")), set()).add(r.get("recipe") or "")
+            schedules.setdefault((variant(r), r.get("epochs")), set()).add(r.get("recipe") or "")
         for (model, epochs), recipes in schedules.items():
             if len(recipes) > 1:
                 warnings.append(f"warning: the runs differ in more than the ablated keys: `{model}` at {epochs} epochs "
@@ -131,7 +141,7 @@ def _scatter(ax, rows: Sequence[dict], x_key: str, scale: float, xlabel: str, ti
         x, y = float(row[x_key]) * scale, 100 * float(row["val_acc"])
         colour = colours[family_of(str(row["model"]))]
         ax.plot([x], [y], MARKERS.get(row["conv_mode"], "D"), ms=8, color=colour, alpha=0.8)
-        labels.setdefault(f"{row['model']} w{row['width']:g} {row['conv_mode']}", (x, y))
+        labels.setdefault(f"{variant(row)} w{row['width']:g} {row['conv_mode']}", (x, y))
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))

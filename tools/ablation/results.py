@@ -1,5 +1,7 @@
 """The ablation's results file: one CSV row per run (seeds are separate rows; the report averages
-them). `append` replaces the rows of runs already in the file, so re-measuring a run updates it."""
+them). `append` replaces the rows of runs already in the file, so re-measuring a run updates it.
+`model_kwargs` holds the run's other `model.kwargs` as JSON (empty when it set none), so a variant of
+an architecture is its own row, timed as it was built."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 FIELDS = [
-    "model", "width", "stem", "conv_mode", "pointwise_kernel_size", "epochs", "seed",
+    "model", "width", "stem", "conv_mode", "pointwise_kernel_size", "model_kwargs", "epochs", "seed",
     "params", "macs", "val_acc", "test_acc",
     "latency_b1_ms", "latency_b1_iqr_ms", "latency_b64_ms", "latency_b64_iqr_ms", "latency_cpu", "latency_threads",
     "train_img_s", "recipe", "note", "run_dir",
