@@ -376,6 +376,9 @@ def test_a_resume_names_each_setting_it_changes_of_the_run_that_wrote_the_checkp
                "optim": {"lr": 0.1, "epochs": 60}, "trainer": {"max_epochs": 60}}
     assert recipe_changes(before, changed) == ["data.batch_size: 256 -> 128", "optim.lr: 0.2 -> 0.1",
                                                "seed: 0 -> 1", "trainer.max_epochs: 30 -> 60"]
+    # a schedule set apart from the epochs is named with the length it had, not as unset
+    apart = {**before, "optim": {"lr": 0.2, "epochs": 40}}
+    assert recipe_changes(before, apart) == ["optim.epochs: 30 -> 40"]
     del changed["data"]["batch_size"]
     assert "data.batch_size: 256 -> '<unset>'" in recipe_changes(before, changed)
 

@@ -75,6 +75,9 @@ def recipe_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[st
     progress bars are not changes; a longer `trainer.max_epochs` is one (the usual, meant kind)."""
     old, new = training_recipe(dict(before)), training_recipe(dict(now))
     old["seed"], new["seed"] = before.get("seed"), now.get("seed")
+    for side in (old, new):  # the schedule's length where training_recipe left it implied by the epochs
+        if ("optim.epochs" in old or "optim.epochs" in new) and "optim.epochs" not in side:
+            side["optim.epochs"] = side.get("trainer.max_epochs")
     return [f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
             for key in sorted(set(old) | set(new))
             if old.get(key, "<unset>") != new.get(key, "<unset>")]
