@@ -319,3 +319,35 @@ def test_a_run_with_other_model_kwargs_is_its_own_row_and_is_timed_as_built(tmp_
     assert main(["report", str(csv_path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "mobilenet_v1 (dropout=0.2)" in text and "50.00%" in text and "70.00%" in text and "(n=2)" not in text
+
+
+def test_plot_labels_never_cover_one_another_even_where_points_coincide():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tools.ablation.report import _place_labels
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    # six runs at two points (equal cost rows on top of each other) and one far away
+    labels = {f"mobilenet_v1 w0.5 variant {i}": ((100.0, 90.0) if i % 2 else (110.0, 90.2)) for i in range(6)}
+    labels["resnet38_bottleneck w1 pointwise_kxk"] = (300.0, 93.4)
+    xs, ys = zip(*labels.values())
+    ax.scatter(xs, ys)
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.2)
+    _place_labels(ax, labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text alone, not its leader line
+    assert len(boxes) == len(labels)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    far = ax.texts[-1]  # alone: beside its point (left of it here, the right runs out of axes), no leader line
+    assert abs(far.get_position()[0]) == 7 and far.get_position()[1] == 0 and far.arrow_patch is None
+    assert any(t.arrow_patch is not None for t in ax.texts[:6])  # the crowded ones are led to their points
+    plt.close(fig)

@@ -154,20 +154,38 @@ def _scatter(ax, rows: Sequence[dict], x_key: str, scale: float, xlabel: str, ti
 
 
 def _place_labels(ax, labels: dict[str, tuple[float, float]], fontsize: float = 7) -> None:
-    """Each label beside its point, moved up or down by a line until it overlaps no label placed
-    before it: points of equal cost (a widened separable net beside `full`) sit on top of each other."""
+    """Each label beside its point: to its right, else its left, at the nearest height where it stays
+    inside the axes and covers no label placed before it and no point (points of equal cost, such as a widened separable net
+    beside `full`, sit on top of each other); a label moved off its point's height gets a leader line."""
     ax.figure.canvas.draw()  # fixes the axis limits, so data -> points is final
     to_pt = 72 / ax.figure.dpi
-    placed: list[tuple[float, float, float, float]] = []  # boxes in points: x0, y0, x1, y1
+    where = {name: tuple(v * to_pt for v in ax.transData.transform(xy)) for name, xy in labels.items()}
+    dots = [(px - 4, py - 4, px + 4, py + 4) for px, py in where.values()]
+    overlaps = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    frame = tuple(v * to_pt for v in ax.bbox.extents)  # the axes: a label stays inside them
+    inside = lambda a: frame[0] <= a[0] and a[2] <= frame[2] and frame[1] <= a[1] and a[3] <= frame[3]
+    placed: list[tuple[float, float, float, float]] = []  # label boxes in points: x0, y0, x1, y1
+    renderer = ax.figure.canvas.get_renderer()
     for name, (x, y) in labels.items():
-        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
-        width, height = 0.55 * fontsize * len(name), 1.2 * fontsize
-        for dy in (6, -12, 16, -22, 26, -32, 36, -42):
-            box = (px + 6, py + dy, px + 6 + width, py + dy + height)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+        px, py = where[name]
+        text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 0), fontsize=fontsize, va="center")
+        extent = text.get_window_extent(renderer)  # the label's real size, not a guess from its length
+        width, height = extent.width * to_pt, extent.height * to_pt
+        step = height + 1
+        candidates = [(side, k * step) for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6) for side in (1, -1)]
+        for side, dy in candidates:
+            x0 = px + 7 if side > 0 else px - 7 - width
+            box = (x0, py + dy - height / 2, x0 + width, py + dy + height / 2)
+            if inside(box) and not any(overlaps(box, b) for b in placed + dots):
                 break
+        else:
+            side, dy = 1, 0  # nowhere free within reach: beside the point, overlapping
+            box = (px + 7, py - height / 2, px + 7 + width, py + height / 2)
         placed.append(box)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, dy), fontsize=fontsize)
+        text.remove()
+        leader = dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=4) if dy else None
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(7 * side, dy), fontsize=fontsize,
+                    ha="left" if side > 0 else "right", va="center", arrowprops=leader)
 
 
 def _legend(ax, colours: dict) -> None:
