@@ -62,6 +62,13 @@ Part 10 (`--norm-bf16 [MODEL ...]`): whole training steps under bf16 autocast, e
 residual sum) that reads a bf16 map on the zoo's norm kernels (`models/norm_act.py`, its `_bf16` C
 functions) against PyTorch's bf16 layers, interleaved.
 
+Part 11 (`--norm-act-depthwise-bf16 [MODEL ...]`): under bf16 autocast, every distinct norm -> act ->
+depthwise conv that stays in bf16 (stride 1, 3x3: not `models.kernels.float32_depthwise`'s), forward +
+backward at `--all-batch`, as two layers in bf16 (the norm's bf16 kernel, then oneDNN's conv) against
+the one kernel reading and writing bf16 (`models/norm_act_depthwise.py`, called directly), in the same
+rounds: the measurement behind its `bf16_kernel_wins`; then whole steps with the kernel where that
+rule puts it against the two layers everywhere.
+
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
 torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
@@ -82,6 +89,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -554,32 +562,42 @@ def norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: int = 
     """Part 6: each expanded map's norm + act + depthwise conv, forward + backward, as two layers (the
     fused norm kernel, then the conv as `models.depthwise` runs it) against the one kernel of
     `models/norm_act_depthwise.py` (called directly, whatever its `kernel_wins` picks), interleaved."""
-    from models.norm_act_depthwise import _NormActDepthwise, kernel_wins
+    return _time_norm_act_dw(norm_act_dw_shapes(names, batch), rounds, warmup, log, bf16=False)
+
+
+def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, log, bf16: bool) -> list[dict]:
+    """Parts 6 and 11: each shape's norm + act + depthwise conv, forward + backward, two layers against
+    the one kernel (its bf16-output functions with `bf16`, x and the output gradient then bf16 and the
+    step under bf16 autocast), in the same interleaved rounds; "used": what the rule picks there."""
+    from models.norm_act_depthwise import _NormActDepthwise, bf16_kernel_wins, kernel_wins
 
     acts = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "Hardswish": nn.Hardswish}
+    dtype, rule = (torch.bfloat16, bf16_kernel_wins) if bf16 else (torch.float32, kernel_wins)
     rows = []
-    for (n, c, h, w, k, s, act_name), where in norm_act_dw_shapes(names, batch).items():
+    for (n, c, h, w, k, s, act_name), where in shapes.items():
         torch.manual_seed(0)
         bn, act = nn.BatchNorm2d(c), acts[act_name]()
         conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False).to(memory_format=torch.channels_last)
-        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
-        grad = torch.randn_like(conv(x))
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).to(dtype).requires_grad_()
+        grad = torch.randn_like(conv(x.float())).to(dtype)
         fused_name = models.norm_act.FUSED_ACTIVATIONS[type(act)]
 
         def step(two_layers: bool) -> None:
-            if two_layers:
-                z = models.depthwise.depthwise_conv2d(models.norm_act.batch_norm_act(x, bn, act), conv)
-            else:
-                z = _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, fused_name, s)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if two_layers:
+                    z = models.depthwise.depthwise_conv2d(models.norm_act.batch_norm_act(x, bn, act), conv)
+                else:
+                    z = _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, fused_name, s, bf16)
             z.backward(grad)
             x.grad = conv.weight.grad = bn.weight.grad = bn.bias.grad = None
 
         t = bench({"two": lambda: step(True), "fused": lambda: step(False)}, repeats=rounds, warmup=warmup)
-        rows.append({"table": "norm_act_depthwise", "shape": f"{n}x{c}x{h}x{w}", "kernel": k, "stride": s, "act": act_name,
-                     "models": ", ".join(where), "two_layers_ms": t["two"].median * 1e3, "fused_ms": t["fused"].median * 1e3,
-                     "speedup": paired_ratio(t["two"], t["fused"]), "used": kernel_wins(k, h, w)})
+        rows.append({"table": "norm_act_depthwise_bf16" if bf16 else "norm_act_depthwise", "shape": f"{n}x{c}x{h}x{w}",
+                     "kernel": k, "stride": s, "act": act_name, "models": ", ".join(where),
+                     "two_layers_ms": t["two"].median * 1e3, "fused_ms": t["fused"].median * 1e3,
+                     "speedup": paired_ratio(t["two"], t["fused"]), "used": rule(k, h, w)})
         if log:
-            log(f"norm+act+depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
+            log(f"{'bf16 ' if bf16 else ''}norm+act+depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
     return rows
 
 
@@ -606,20 +624,67 @@ def switched_steps(names: list[str], batch: int, rounds: int, switch: Callable[[
 
 
 @contextlib.contextmanager
-def _depthwise_rule(on: bool):
+def _depthwise_rule(on: bool, rule_name: str = "kernel_wins"):
+    """With `on` False, `models.norm_act_depthwise`'s rule `rule_name` picks the two layers everywhere."""
     import models.norm_act_depthwise as nad
 
-    rule = nad.kernel_wins
-    nad.kernel_wins = rule if on else (lambda k, h, w: False)
+    rule = getattr(nad, rule_name)
+    setattr(nad, rule_name, rule if on else (lambda k, h, w: False))
     try:
         yield
     finally:
-        nad.kernel_wins = rule
+        setattr(nad, rule_name, rule)
 
 
 def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
     """Part 6, whole steps: the one kernel where `kernel_wins` puts it against two layers everywhere."""
     return switched_steps(names, batch, rounds, _depthwise_rule, "norm_act_depthwise_step", warmup, log)
+
+
+BF16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)  # parts 9-11
+
+
+def bf16_norm_act_dw_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
+    """Each distinct (batch, C, H, W, k, stride, activation) at which a norm + act + depthwise conv
+    that stays in bf16 under autocast (not float32 by `kernels.float32_depthwise`) reaches
+    `norm_act_depthwise` in a training forward of these models, with the models and counts."""
+    import models.layers as layers
+    from models.depthwise import float32_under_autocast
+
+    real, shapes = layers.norm_act_depthwise, {}
+    for name in names:
+        model = models.create_model(name, num_classes=10).to(memory_format=torch.channels_last)
+        seen: list[tuple] = []
+
+        def spy(x, bn, act, conv, seen=seen):
+            if x.dtype == torch.bfloat16 and not float32_under_autocast(x, conv):
+                seen.append((*x.shape, conv.kernel_size[0], conv.stride[0], type(act).__name__))
+            return real(x, bn, act, conv)
+
+        layers.norm_act_depthwise = spy  # the one name both callers (inverted residuals, separable chains) use
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+        finally:
+            layers.norm_act_depthwise = real
+        for shape in sorted(set(seen), key=seen.index):
+            shapes.setdefault(shape, []).append(f"{name} x{seen.count(shape)}")
+    return shapes
+
+
+def bf16_norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 11: each such layer, forward + backward under bf16 autocast, two layers in bf16 against the
+    one kernel reading and writing bf16 (called directly, whatever `bf16_kernel_wins` picks), interleaved."""
+    return _time_norm_act_dw(bf16_norm_act_dw_shapes(names, batch), rounds, warmup, log, bf16=True)
+
+
+_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_name="bf16_kernel_wins")
+
+
+def bf16_norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 11, whole steps under bf16 autocast: the bf16 kernel where `bf16_kernel_wins` puts it
+    against the two bf16 layers everywhere."""
+    return switched_steps(names, batch, rounds, _bf16_depthwise_rule, "norm_act_depthwise_bf16_step", warmup, log, BF16)
 
 
 @contextlib.contextmanager
@@ -655,8 +720,7 @@ def autocast_float32_steps(names: list[str], batch: int, rounds: int, warmup: in
     """Part 9: whole steps under bf16 autocast (whatever the CPU computes natively), the depthwise
     convs where `kernels.float32_depthwise` puts them (float32, on the zoo's kernels) against all of
     the network in bf16."""
-    bf16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)
-    return switched_steps(names, batch, rounds, _autocast_float32, "autocast_float32_step", warmup, log, bf16)
+    return switched_steps(names, batch, rounds, _autocast_float32, "autocast_float32_step", warmup, log, BF16)
 
 
 @contextlib.contextmanager
@@ -680,8 +744,7 @@ NORM_BF16_MODELS = ("resnet20", "resnet56", "se_resnet20", "resnet38_bottleneck"
 def norm_bf16_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
     """Part 10: whole steps under bf16 autocast, the norms of bf16 maps on the zoo's kernels against
     PyTorch's bf16 norm, activation and sum layers."""
-    bf16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)
-    return switched_steps(names, batch, rounds, _norm_bf16, "norm_bf16_step", warmup, log, bf16)
+    return switched_steps(names, batch, rounds, _norm_bf16, "norm_bf16_step", warmup, log, BF16)
 
 
 # whole-step tables of switched_steps: their two columns' names
@@ -690,6 +753,7 @@ STEP_TABLES = {
     "residual_end_step": ("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)"),
     "autocast_float32_step": ("all bf16 (img/s)", "depthwise in float32 where the rule says (img/s)"),
     "norm_bf16_step": ("PyTorch's bf16 norms (img/s)", "the zoo's norm kernels read bf16 (img/s)"),
+    "norm_act_depthwise_bf16_step": ("two bf16 layers everywhere (img/s)", "one bf16 kernel where it wins (img/s)"),
 }
 
 
@@ -701,7 +765,7 @@ def norm_act_dw_table(rows: list[dict]) -> str:
                         [[f"`{r['model']}`", f"{r['two_layers_img_s']:,.0f}", f"{r['fused_img_s']:,.0f}", f"{r['speedup']:.2f}x"]
                          for r in steps], right=[False, True, True, True])
     if not rows:
-        return "(no inverted residuals in these models: their steps are below)"
+        return "(no such layers in these models: their steps are below)"
     return md_table(["expanded map (N x C x H x W)", "k", "stride", "act", "in", "two layers (ms)", "one kernel (ms)", "speed-up", "used"],
                     [[r["shape"], r["kernel"], r["stride"], r["act"], r["models"], f"{r['two_layers_ms']:.2f}",
                       f"{r['fused_ms']:.2f}", f"{r['speedup']:.2f}x", "one kernel" if r["used"] else "two layers"] for r in rows],
@@ -915,6 +979,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-bf16", nargs="*", default=None, metavar="MODEL",
                    help=f"part 10: whole steps under bf16 autocast, the norms of bf16 maps on the zoo's kernels against "
                         f"PyTorch's bf16 layers (default: {' '.join(NORM_BF16_MODELS)})")
+    p.add_argument("--norm-act-depthwise-bf16", nargs="*", default=None, metavar="MODEL",
+                   help=f"part 11: under bf16 autocast, every stride-1 norm + act + depthwise conv of these models, two bf16 "
+                        f"layers against one kernel reading and writing bf16 (default: {' '.join(DEPTHWISE_MODELS)})")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -997,6 +1064,17 @@ def main(argv=None) -> int:
         steps = norm_act_dw_steps(args.norm_act_depthwise or list(NORM_ACT_DW_MODELS), args.all_batch, args.all_rounds,
                                   args.warmup, log=log)
         print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
+        print(norm_act_dw_table(steps) + "\n")
+        csv_rows += rows + steps
+    if args.norm_act_depthwise_bf16 is not None:
+        names = args.norm_act_depthwise_bf16 or list(DEPTHWISE_MODELS)
+        rows = bf16_norm_act_dw_layers(names, args.all_batch, args.all_rounds, args.warmup, log=log)
+        print(f"## Under bf16 autocast: norm + act + depthwise convs that stay in bf16, forward + backward, channels-last, "
+              f"batch {args.all_batch}, median of {args.all_rounds} interleaved rounds: two bf16 layers against one kernel "
+              "reading and writing bf16 (models/norm_act_depthwise.py)\n")
+        print(norm_act_dw_table(rows) + "\n")
+        steps = bf16_norm_act_dw_steps(names, args.all_batch, args.all_rounds, args.warmup, log=log)
+        print(f"Whole training steps ({BF16.describe()}), the same models, batch {args.all_batch}:\n")
         print(norm_act_dw_table(steps) + "\n")
         csv_rows += rows + steps
     # parts 8-10: whole steps with one kernel choice off and on (switched_steps)

@@ -116,11 +116,36 @@ def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s, monkeyp
         assert torch.equal(a, b)
 
 
-def test_a_stride_1_3x3_norm_act_and_depthwise_conv_run_in_bf16(monkeypatch):
-    """Where oneDNN's bf16 conv is not slow, the norm + act run on the norm kernel's bf16 functions and
-    the conv as autocast runs it: what the two layers give under autocast with the norm fused."""
-    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply", lambda *a: pytest.fail("the float32 kernel ran"))
-    x = _bf16_input((4, 32, 8, 8))
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.Hardswish], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("hw", [8, 11])
+def test_a_stride_1_3x3_norm_act_and_depthwise_conv_run_on_one_bf16_kernel(act, hw, monkeypatch):
+    """Where the conv stays bf16 and the one kernel wins (`bf16_kernel_wins`: 3x3 on maps of 8x8 and
+    more), it reads x and writes z in bf16: z is the float32 kernel's z on x cast to float32, rounded
+    once as PyTorch rounds it, and the gradients are the float32 kernel's given the same (bf16) output
+    gradient, x's rounded to bf16; the running statistics are equal too."""
+    calls = _spy(monkeypatch)
+    shape, outs = (4, 48, hw, hw), []  # 48 channels: three blocks of 16, the last not overlapping; 11: rows of odd length
+    for autocast in (True, False):
+        bn, conv, x = _bn(48), _dw(48, 3, 1), _bf16_input(shape)
+        x_in = x if autocast else x.detach().float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = norm_act_depthwise.norm_act_depthwise(x_in, bn, act(), conv)
+        torch.manual_seed(2)
+        z.backward(torch.randn(z.shape).contiguous(memory_format=CL).bfloat16().to(z.dtype))
+        outs.append((z, x_in.grad, conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    (z, dx, *rest), (z32, dx32, *rest32) = outs
+    assert calls["bf16"] == 1 and calls["fused"] == 1  # the bf16 kernel under autocast, the float32 one outside
+    assert z.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16 and z32.dtype == torch.float32
+    assert torch.equal(z, z32.bfloat16()) and torch.equal(dx, dx32.bfloat16())
+    for a, b in zip(rest, rest32):
+        assert torch.equal(a, b)
+
+
+def test_a_stride_1_3x3_norm_act_and_depthwise_conv_on_a_small_map_run_as_two_bf16_layers(monkeypatch):
+    """Where the one kernel does not win (4x4 maps), the norm + act run on the norm kernel's bf16
+    functions and the conv as autocast runs it: what the two layers give under autocast with the norm fused."""
+    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply", lambda *a: pytest.fail("the one kernel ran"))
+    x = _bf16_input((4, 32, 4, 4))
     bn, conv = _bn(32), _dw(32, 3, 1)
     with bf16_autocast():
         z = norm_act_depthwise.norm_act_depthwise(x, bn, nn.ReLU6(), conv)
@@ -159,10 +184,17 @@ def _training_step(name, mode: str):
 
 
 def _spy(monkeypatch):
-    calls = {"fused": 0, "depthwise": []}
+    """Counts the one kernel's calls with a float32 output ("fused") and with a bf16 one ("bf16"), and
+    the depthwise kernel's strides."""
+    calls = {"fused": 0, "bf16": 0, "depthwise": []}
     fused, dw = norm_act_depthwise._NormActDepthwise.apply, depthwise._DepthwiseConv.apply
-    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply",
-                        lambda *a: calls.__setitem__("fused", calls["fused"] + 1) or fused(*a))
+
+    def count(*a):
+        key = "bf16" if len(a) > 7 and a[7] else "fused"
+        calls[key] += 1
+        return fused(*a)
+
+    monkeypatch.setattr(norm_act_depthwise._NormActDepthwise, "apply", count)
     monkeypatch.setattr(depthwise._DepthwiseConv, "apply", lambda *a: calls["depthwise"].append(a[-1]) or dw(*a))
     return calls
 
@@ -198,8 +230,10 @@ def test_xception_keeps_its_depthwise_convs_in_bf16(monkeypatch):
     model = models.create_model("xception_small", num_classes=10).to(memory_format=CL)
     with bf16_autocast():
         model(torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)).float().sum().backward()
-    # every depthwise conv is a stride-1 3x3 on a map of 4x4 or more: all bf16, the norms on their bf16 kernel
-    assert calls["depthwise"] == [] and calls["fused"] == 0
+    # every depthwise conv is a stride-1 3x3 on a map of 4x4 or more: all bf16. Those after a unit's norm + ReLU
+    # on maps of 8x8 or more run on the one bf16 kernel: each block's units after its first (blocks 1 and 2 at
+    # 32x32, block 3 at 16x16, the 4 middle blocks' 2 each and the exit block's 1 at 8x8); the head's are 4x4
+    assert calls["depthwise"] == [] and calls["fused"] == 0 and calls["bf16"] == 1 + 1 + 1 + 4 * 2 + 1
 
 
 def test_eval_under_autocast_runs_no_kernel(monkeypatch):
@@ -210,12 +244,13 @@ def test_eval_under_autocast_runs_no_kernel(monkeypatch):
     assert calls["fused"] == 0 and calls["depthwise"] == [] and y.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_a_nan_in_the_bf16_map_spreads_as_through_pytorchs_layers(stride):
+@pytest.mark.parametrize("stride, hw", [(1, 5), (1, 8), (2, 5)])
+def test_a_nan_in_the_bf16_map_spreads_as_through_pytorchs_layers(stride, hw):
     """A diverged run must show NaN: it fills its channel (the batch statistics), forward and backward,
-    and no other (the float_to_bf16 rounding keeps NaN a NaN); stride 1 runs bf16, stride 2 float32."""
+    and no other (the float_to_bf16 rounding keeps NaN a NaN); stride 1 runs as two bf16 layers on a
+    5x5 map and on the one bf16 kernel on an 8x8 one, stride 2 in float32."""
     bn, conv = _bn(16), _dw(16, 3, stride)
-    x = _bf16_input((2, 16, 5, 5))
+    x = _bf16_input((2, 16, hw, hw))
     with torch.no_grad():
         x[0, 0, 0, 0] = float("nan")
     with bf16_autocast():

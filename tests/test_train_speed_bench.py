@@ -242,7 +242,9 @@ def test_residual_end_steps_switch_only_the_blocks_end(monkeypatch, float32_defa
 def test_autocast_float32_steps_switch_the_float32_depthwise_rule(monkeypatch):
     calls = []
     real = ts.models.norm_act_depthwise._NormActDepthwise.apply
-    monkeypatch.setattr(ts.models.norm_act_depthwise._NormActDepthwise, "apply", lambda *a: calls.append(1) or real(*a))
+    # the calls with a float32 output (the one kernel's bf16-output calls are part 11's)
+    monkeypatch.setattr(ts.models.norm_act_depthwise._NormActDepthwise, "apply",
+                        lambda *a: (None if len(a) > 7 and a[7] else calls.append(1)) or real(*a))
     bf16 = ts.Settings("bf16", torch.bfloat16, True, True)
     with ts._autocast_float32(False):
         ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.25), bf16, batch=2)()
@@ -264,3 +266,27 @@ def test_norm_bf16_steps_switch_the_bf16_norm_kernels(monkeypatch):
     rows = ts.norm_bf16_steps(["resnet20"], batch=2, rounds=1, warmup=0)
     assert dtypes.count(torch.bfloat16) >= 10 and rows[0]["speedup"] > 0  # the stem and each block's first norm
     assert "| `resnet20` |" in ts.norm_act_dw_table(rows) and "PyTorch's bf16 norms" in ts.norm_act_dw_table(rows)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_bf16_norm_act_depthwise_rows_cover_every_bf16_layer_and_the_steps_switch_its_rule(monkeypatch):
+    # xception_small at batch 2: the units after each block's first reach the one kernel's dispatch in bf16
+    # (2 at 32x32, 1 at 16x16, 9 at 8x8), and the head's second unit does not (an nn.Sequential)
+    shapes = ts.bf16_norm_act_dw_shapes(["xception_small"], batch=2)
+    assert shapes == {(2, 64, 32, 32, 3, 1, "ReLU"): ["xception_small x1"], (2, 128, 32, 32, 3, 1, "ReLU"): ["xception_small x1"],
+                      (2, 256, 16, 16, 3, 1, "ReLU"): ["xception_small x1"], (2, 256, 8, 8, 3, 1, "ReLU"): ["xception_small x9"]}
+    assert ts.models.layers.norm_act_depthwise.__name__ == "norm_act_depthwise"  # the spy is gone
+    rows = ts.bf16_norm_act_dw_layers(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
+    assert all(r["two_layers_ms"] > 0 and r["fused_ms"] > 0 and r["stride"] == 1 and r["kernel"] == 3 for r in rows)
+    assert {(r["shape"], r["used"]) for r in rows} >= {("2x960x4x4", False), ("2x144x32x32", True)}
+    assert "| 2x384x8x8 | 3 | 1 | ReLU6 | mobilenet_v2 x4 |" in ts.norm_act_dw_table(rows)
+    calls = []
+    real = ts.models.norm_act_depthwise._NormActDepthwise.apply
+    monkeypatch.setattr(ts.models.norm_act_depthwise._NormActDepthwise, "apply",
+                        lambda *a: calls.append(len(a) > 7 and a[7]) or real(*a))
+    with ts._bf16_depthwise_rule(False):
+        ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.5), ts.BF16, batch=2)()
+    assert True not in calls and ts.models.norm_act_depthwise.bf16_kernel_wins.__name__ == "bf16_kernel_wins"
+    steps = ts.bf16_norm_act_dw_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
+    assert calls.count(True) >= 8 and steps[0]["speedup"] > 0  # its stride-1 3x3 layers on 8x8 maps or more, rule on
+    assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(steps) and "one bf16 kernel" in ts.norm_act_dw_table(steps)

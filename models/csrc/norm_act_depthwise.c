@@ -164,34 +164,48 @@ static inline __attribute__((always_inline)) void weight_tile(
         }
 
 /* ACT(y) and its derivative GRAD(y), as in norm_act.c (a NaN goes through ACT as through PyTorch's).
- * XT is the element type of x and dx, LX reads one as a float and SX rounds a float to one: the
- * float kernels, and the _bf16 ones that read a bf16 map and write its gradient in bf16 (under CPU
- * autocast the expanded map comes from a bf16 1x1 conv; reading it as it is saves a cast pass each
- * way). The bf16 backward forms g in a float buffer of its own; the float one in dx itself. */
+ * XT is the element type of x and dx, LX reads one as a float and SX rounds a float to one; ZT the
+ * element type of z and dz (float or bf16, read and rounded the same way). Three sets: the float
+ * kernels; the _bf16 ones, which read a bf16 x and write its gradient in bf16 but keep z float
+ * (under CPU autocast the expanded map comes from a bf16 1x1 conv, and where the conv computes in
+ * float32 its output stays float32: models/depthwise.py); and the _bf16z ones, bf16 on both sides,
+ * for the stride-1 convs whose neighbours all run in bf16 (a float z would cost a cast pass each
+ * way). A bf16 z is convolved into a float image buffer in cache and rounded once when written, so
+ * it equals the float kernel's z rounded; a bf16 dz is widened an image at a time into a float
+ * buffer. The bf16 backward forms g in a float buffer of its own; the float one in dx itself. */
 #define KERNELS(NAME, ACT, GRAD)                                                                   \
-    KERNELS_T(NAME, float, ACT, GRAD, AS_FLOAT, AS_FLOAT, (float *)dx, (void)0)                    \
-    KERNELS_T(NAME##_bf16, uint16_t, ACT, GRAD, bf16_to_float, float_to_bf16,                      \
+    KERNELS_T(NAME, float, float, ACT, GRAD, AS_FLOAT, AS_FLOAT, (float *)dx, (void)0)             \
+    KERNELS_T(NAME##_bf16, uint16_t, float, ACT, GRAD, bf16_to_float, float_to_bf16,               \
+              (float *)aligned_alloc(64, ((M * C * sizeof(float) + 63) / 64) * 64), free(g))       \
+    KERNELS_T(NAME##_bf16z, uint16_t, uint16_t, ACT, GRAD, bf16_to_float, float_to_bf16,           \
               (float *)aligned_alloc(64, ((M * C * sizeof(float) + 63) / 64) * 64), free(g))
 #define AS_FLOAT(v) (v)
-#define KERNELS_T(NAME, XT, ACT, GRAD, LX, SX, G_ALLOC, G_FREE)                                    \
+/* Z_FLOAT: z and dz are float, read and written in place (no image buffer) */
+#define Z_FLOAT(ZT) (sizeof(ZT) == sizeof(float))
+#define KERNELS_T(NAME, XT, ZT, ACT, GRAD, LX, SX, G_ALLOC, G_FREE)                                \
     void norm_act_dw_forward_##NAME(const XT *restrict x, const float *restrict mean,              \
                                     const float *restrict a, const float *restrict beta,           \
-                                    const float *restrict w, float *restrict z, int64_t N,         \
+                                    const float *restrict w, ZT *restrict z, int64_t N,            \
                                     int64_t H, int64_t W, int64_t C, int64_t OH, int64_t OW, int k, \
                                     int s, int nthreads) {                                         \
         int p = k / 2;                                                                             \
         int64_t Wp = W + 2 * p;                                                                    \
         _Pragma("omp parallel num_threads(nthreads)") {                                           \
             float *tile = aligned_alloc(64, (H + 2 * p) * Wp * C * sizeof(float));                 \
+            float *zbuf = Z_FLOAT(ZT) ? NULL : malloc(OH * OW * C * sizeof(float));                \
             zero_border(tile, H, W, C, p);                                                         \
             _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++) {                  \
                 const XT *xn = x + n * H * W * C;                                                  \
-                float *zn = z + n * OH * OW * C;                                                   \
+                ZT *zout = z + n * OH * OW * C;                                                    \
+                float *zn = Z_FLOAT(ZT) ? (float *)zout : zbuf;                                    \
                 FILL_TILE(ACT, XT, LX)                                                             \
                 CONV_CASE(3, 1) CONV_CASE(3, 2) CONV_CASE(5, 1) CONV_CASE(5, 2)                    \
                 conv_tile(tile, w, zn, Wp, C, OH, OW, k, s);                                       \
+                if (!Z_FLOAT(ZT))                                                                  \
+                    _Pragma("omp simd") for (int64_t i = 0; i < OH * OW * C; i++)                  \
+                        zout[i] = (ZT)float_to_bf16(zn[i]);                                        \
             }                                                                                      \
-            free(tile);                                                                            \
+            free(tile); free(zbuf);                                                                \
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
@@ -200,7 +214,7 @@ static inline __attribute__((always_inline)) void weight_tile(
     void norm_act_dw_backward_##NAME(const XT *restrict x, const float *restrict mean,             \
                                      const float *restrict a, const float *restrict beta,          \
                                      const float *restrict invstd, const float *restrict gamma,    \
-                                     const float *restrict w, const float *restrict dz,            \
+                                     const float *restrict w, const ZT *restrict dz,               \
                                      XT *restrict dx, float *restrict dw, float *restrict dgamma,  \
                                      float *restrict dbeta, int64_t N, int64_t H, int64_t W,       \
                                      int64_t C, int64_t OH, int64_t OW, int k, int s, int nthreads) { \
@@ -220,11 +234,16 @@ static inline __attribute__((always_inline)) void weight_tile(
             double *mw = calloc(KK * C, sizeof(double)), *m1 = calloc(C, sizeof(double)),         \
                    *m2 = calloc(C, sizeof(double));                                                \
             float *dztile = dtile, *dyrow = malloc(W * C * sizeof(float));                        \
+            float *dzbuf = Z_FLOAT(ZT) ? NULL : malloc(OH * OW * C * sizeof(float));               \
             zero_border(tile, H, W, C, p);                                                         \
             if (s == 1) zero_border(dztile, H, W, C, p);                                           \
             _Pragma("omp for schedule(static)") for (int64_t n = 0; n < N; n++) {                  \
                 const XT *xn = x + n * H * W * C;                                                  \
-                const float *dzn = dz + n * OH * OW * C;                                           \
+                const ZT *dzin = dz + n * OH * OW * C;                                             \
+                const float *dzn = Z_FLOAT(ZT) ? (const float *)dzin : dzbuf;                      \
+                if (!Z_FLOAT(ZT))                                                                  \
+                    _Pragma("omp simd") for (int64_t i = 0; i < OH * OW * C; i++)                  \
+                        dzbuf[i] = bf16_to_float((uint16_t)dzin[i]);                               \
                 float *gn = g + n * H * W * C;                                                     \
                 FILL_TILE(ACT, XT, LX)                                                             \
                 if (s == 1) { /* gather: dz into a bordered tile, read by the flipped forward */   \
@@ -265,7 +284,7 @@ static inline __attribute__((always_inline)) void weight_tile(
                 for (int64_t q = 0; q < KK * C; q++) tw[q] += mw[q];                               \
                 for (int64_t c = 0; c < C; c++) { s1[c] += m1[c]; s2[c] += m2[c]; }                \
             }                                                                                      \
-            free(tile); free(dtile); free(dyrow); free(wacc); free(f1); free(f2); free(mw); free(m1); free(m2); \
+            free(tile); free(dtile); free(dyrow); free(dzbuf); free(wacc); free(f1); free(f2); free(mw); free(m1); free(m2); \
         }                                                                                          \
         for (int64_t q = 0; q < KK * C; q++) dw[q] = (float)tw[q];                                 \
         /* dx = gamma * invstd * (g - sum g / M - xhat * sum(g * xhat) / M) (float: in place over g) */ \
