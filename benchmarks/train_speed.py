@@ -69,6 +69,11 @@ the one kernel reading and writing bf16 (`models/norm_act_depthwise.py`, called 
 rounds: the measurement behind its `bf16_kernel_wins`; then whole steps with the kernel where that
 rule puts it against the two layers everywhere.
 
+Part 12 (`--max-pool [MODEL ...]`): every distinct max-pool of these models (xception_small's strided
+blocks), forward + backward at `--all-batch` in the default settings' precision, PyTorch's
+`max_pool2d` against the zoo's kernel (`models/pool.py`), in the same rounds; then whole steps
+with the kernel on and off.
+
 Part 7 (`--profile [MODEL ...]`): where each zoo model's step goes and its twin's, by operator group
 (1x1 / depthwise / kxk convolutions, the zoo's kernels, norm, activation, pooling, optimizer, other),
 torch.profiler's self CPU time over `--all-rounds` steps at `--all-batch`; and the bound the zoo's
@@ -569,14 +574,15 @@ def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, 
     """Parts 6 and 11: each shape's norm + act + depthwise conv, forward + backward, two layers against
     the one kernel (its bf16-output functions with `bf16`, x and the output gradient then bf16 and the
     step under bf16 autocast), in the same interleaved rounds; "used": what the rule picks there."""
-    from models.norm_act_depthwise import _NormActDepthwise, bf16_kernel_wins, kernel_wins
+    from models.norm_act_depthwise import _NormActDepthwise, act_kernel_wins, bf16_kernel_wins, kernel_wins
 
     acts = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "Hardswish": nn.Hardswish}
     dtype, rule = (torch.bfloat16, bf16_kernel_wins) if bf16 else (torch.float32, kernel_wins)
     rows = []
     for (n, c, h, w, k, s, act_name), where in shapes.items():
         torch.manual_seed(0)
-        bn, act = nn.BatchNorm2d(c), acts[act_name]()
+        norm = not act_name.endswith(NO_NORM)
+        bn, act = nn.BatchNorm2d(c), acts[act_name.removesuffix(NO_NORM)]()
         conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False).to(memory_format=torch.channels_last)
         x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).to(dtype).requires_grad_()
         grad = torch.randn_like(conv(x.float())).to(dtype)
@@ -585,9 +591,12 @@ def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, 
         def step(two_layers: bool) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 if two_layers:
-                    z = models.depthwise.depthwise_conv2d(models.norm_act.batch_norm_act(x, bn, act), conv)
-                else:
+                    y = models.norm_act.batch_norm_act(x, bn, act) if norm else act(x)
+                    z = models.depthwise.depthwise_conv2d(y, conv)
+                elif norm:
                     z = _NormActDepthwise.apply(x, bn.weight, bn.bias, conv.weight, bn, fused_name, s, bf16)
+                else:
+                    z = _NormActDepthwise.apply(x, None, None, conv.weight, None, fused_name, s, bf16)
             z.backward(grad)
             x.grad = conv.weight.grad = bn.weight.grad = bn.bias.grad = None
 
@@ -595,7 +604,7 @@ def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, 
         rows.append({"table": "norm_act_depthwise_bf16" if bf16 else "norm_act_depthwise", "shape": f"{n}x{c}x{h}x{w}",
                      "kernel": k, "stride": s, "act": act_name, "models": ", ".join(where),
                      "two_layers_ms": t["two"].median * 1e3, "fused_ms": t["fused"].median * 1e3,
-                     "speedup": paired_ratio(t["two"], t["fused"]), "used": rule(k, h, w)})
+                     "speedup": paired_ratio(t["two"], t["fused"]), "used": (rule if norm else act_kernel_wins)(k, h, w)})
         if log:
             log(f"{'bf16 ' if bf16 else ''}norm+act+depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
     return rows
@@ -624,16 +633,18 @@ def switched_steps(names: list[str], batch: int, rounds: int, switch: Callable[[
 
 
 @contextlib.contextmanager
-def _depthwise_rule(on: bool, rule_name: str = "kernel_wins"):
-    """With `on` False, `models.norm_act_depthwise`'s rule `rule_name` picks the two layers everywhere."""
+def _depthwise_rule(on: bool, rule_names: tuple[str, ...] = ("kernel_wins",)):
+    """With `on` False, `models.norm_act_depthwise`'s rules `rule_names` pick the two layers everywhere."""
     import models.norm_act_depthwise as nad
 
-    rule = getattr(nad, rule_name)
-    setattr(nad, rule_name, rule if on else (lambda k, h, w: False))
+    rules = {name: getattr(nad, name) for name in rule_names}
+    for name, rule in rules.items():
+        setattr(nad, name, rule if on else (lambda k, h, w: False))
     try:
         yield
     finally:
-        setattr(nad, rule_name, rule)
+        for name, rule in rules.items():
+            setattr(nad, name, rule)
 
 
 def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
@@ -644,29 +655,35 @@ def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1
 BF16 = dataclasses.replace(DEFAULT, name="bf16 autocast", amp_dtype=torch.bfloat16)  # parts 9-11
 
 
+NO_NORM = ", no norm"  # an activation name's suffix where no norm comes before it (an Xception block's opening ReLU)
+
+
 def bf16_norm_act_dw_shapes(names: list[str], batch: int) -> dict[tuple, list[str]]:
     """Each distinct (batch, C, H, W, k, stride, activation) at which a norm + act + depthwise conv
     that stays in bf16 under autocast (not float32 by `kernels.float32_depthwise`) reaches
-    `norm_act_depthwise` in a training forward of these models, with the models and counts."""
+    `norm_act_depthwise` in a training forward of these models -- or an act + depthwise conv reaches
+    `act_depthwise` (the activation's name ends in NO_NORM) --, with the models and counts."""
     import models.layers as layers
     from models.depthwise import float32_under_autocast
 
-    real, shapes = layers.norm_act_depthwise, {}
+    real, real_act, shapes = layers.norm_act_depthwise, layers.act_depthwise, {}
     for name in names:
         model = models.create_model(name, num_classes=10).to(memory_format=torch.channels_last)
         seen: list[tuple] = []
 
-        def spy(x, bn, act, conv, seen=seen):
+        def record(x, act, conv, norm: bool, seen=seen):
             if x.dtype == torch.bfloat16 and not float32_under_autocast(x, conv):
-                seen.append((*x.shape, conv.kernel_size[0], conv.stride[0], type(act).__name__))
-            return real(x, bn, act, conv)
+                act_name = type(act).__name__ + ("" if norm else NO_NORM)
+                seen.append((*x.shape, conv.kernel_size[0], conv.stride[0], act_name))
 
-        layers.norm_act_depthwise = spy  # the one name both callers (inverted residuals, separable chains) use
+        # the names both callers (inverted residuals, separable chains) use
+        layers.norm_act_depthwise = lambda x, bn, act, conv: record(x, act, conv, True) or real(x, bn, act, conv)
+        layers.act_depthwise = lambda x, act, conv: record(x, act, conv, False) or real_act(x, act, conv)
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
         finally:
-            layers.norm_act_depthwise = real
+            layers.norm_act_depthwise, layers.act_depthwise = real, real_act
         for shape in sorted(set(seen), key=seen.index):
             shapes.setdefault(shape, []).append(f"{name} x{seen.count(shape)}")
     return shapes
@@ -678,13 +695,66 @@ def bf16_norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: i
     return _time_norm_act_dw(bf16_norm_act_dw_shapes(names, batch), rounds, warmup, log, bf16=True)
 
 
-_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_name="bf16_kernel_wins")
+_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_names=("bf16_kernel_wins", "act_kernel_wins"))
 
 
 def bf16_norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
     """Part 11, whole steps under bf16 autocast: the bf16 kernel where `bf16_kernel_wins` puts it
     against the two bf16 layers everywhere."""
     return switched_steps(names, batch, rounds, _bf16_depthwise_rule, "norm_act_depthwise_bf16_step", warmup, log, BF16)
+
+
+def max_pool_layers(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 12: each distinct max-pool input of these models, forward + backward in the default
+    settings' precision, channels-last: PyTorch's max_pool2d against the zoo's kernel, interleaved."""
+    from models.pool import _MaxPool
+
+    def describe(pool, x):
+        return (*x.shape, pool.kernel_size, pool.stride, pool.padding)
+
+    dtype, rows = DEFAULT.amp_dtype or torch.float32, []
+    for (n, c, h, w, k, s, p), where in layer_inputs(names, batch, nn.MaxPool2d, describe).items():
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last).to(dtype).requires_grad_()
+        grad = torch.randn_like(F.max_pool2d(x.detach(), k, s, p))
+
+        def step(kernel: bool) -> None:
+            (_MaxPool.apply(x, k, s, p) if kernel else F.max_pool2d(x, k, s, p)).backward(grad)
+            x.grad = None
+
+        t = bench({"pytorch": lambda: step(False), "kernel": lambda: step(True)}, repeats=rounds, warmup=warmup)
+        rows.append({"table": "max_pool", "shape": f"{n}x{c}x{h}x{w}", "dtype": str(dtype).removeprefix("torch."),
+                     "pool": f"{k}x{k}, stride {s}, pad {p}", "models": ", ".join(where),
+                     "pytorch_ms": t["pytorch"].median * 1e3, "kernel_ms": t["kernel"].median * 1e3,
+                     "speedup": paired_ratio(t["pytorch"], t["kernel"])})
+        if log:
+            log(f"max-pool {rows[-1]['shape']}: {rows[-1]['speedup']:.2f}x")
+    return rows
+
+
+def max_pool_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no max-pools in these models)"
+    return md_table(["input (N x C x H x W)", "dtype", "pool", "in", "PyTorch (ms)", "kernel (ms)", "speed-up"],
+                    [[r["shape"], r["dtype"], r["pool"], r["models"], f"{r['pytorch_ms']:.2f}", f"{r['kernel_ms']:.2f}",
+                      f"{r['speedup']:.2f}x"] for r in rows], right=[False, False, False, False, True, True, True])
+
+
+@contextlib.contextmanager
+def _max_pool_kernel(on: bool):
+    import models.pool as pool
+
+    covered = pool._covered
+    pool._covered = covered if on else (lambda x, module: None)
+    try:
+        yield
+    finally:
+        pool._covered = covered
+
+
+def max_pool_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
+    """Part 12, whole steps: the max-pools on the zoo's kernel against PyTorch's."""
+    return switched_steps(names, batch, rounds, _max_pool_kernel, "max_pool_step", warmup, log)
 
 
 @contextlib.contextmanager
@@ -753,6 +823,7 @@ STEP_TABLES = {
     "residual_end_step": ("norm kernel, then sum and ReLU (img/s)", "one kernel (img/s)"),
     "autocast_float32_step": ("all bf16 (img/s)", "depthwise in float32 where the rule says (img/s)"),
     "norm_bf16_step": ("PyTorch's bf16 norms (img/s)", "the zoo's norm kernels read bf16 (img/s)"),
+    "max_pool_step": ("PyTorch's max-pool (img/s)", "the zoo's max-pool kernel (img/s)"),
     "norm_act_depthwise_bf16_step": ("two bf16 layers everywhere (img/s)", "one bf16 kernel where it wins (img/s)"),
 }
 
@@ -982,6 +1053,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-act-depthwise-bf16", nargs="*", default=None, metavar="MODEL",
                    help=f"part 11: under bf16 autocast, every stride-1 norm + act + depthwise conv of these models, two bf16 "
                         f"layers against one kernel reading and writing bf16 (default: {' '.join(DEPTHWISE_MODELS)})")
+    p.add_argument("--max-pool", nargs="*", default=None, metavar="MODEL",
+                   help="part 12: every max-pool of these models, PyTorch's against the zoo's kernel, and whole steps "
+                        "(default: xception_small)")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODEL",
                    help=f"part 7: where each model's step and its twin's go, by operator group (torch.profiler), at "
                         f"--all-batch (default: {' '.join(DEPTHWISE_MODELS)})")
@@ -989,6 +1063,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write every row (both tables) to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
     return p.parse_args(argv)
+
+
+def _print_layers_and_steps(layer_table: str, rows: list[dict], steps: list[dict], settings: Settings, batch: int) -> list[dict]:
+    """Parts 6, 11 and 12 print a table of layers, then the whole steps of the same models; returns both's rows."""
+    print(layer_table + "\n")
+    print(f"Whole training steps ({settings.describe()}), the same models, batch {batch}:\n")
+    print(norm_act_dw_table(steps) + "\n")
+    return rows + steps
 
 
 def main(argv=None) -> int:
@@ -1060,23 +1142,24 @@ def main(argv=None) -> int:
         print(f"## Expanded maps: norm + act + depthwise conv, forward + backward, float32 channels-last, batch "
               f"{args.all_batch}, median of {args.all_rounds} interleaved rounds: two layers against one kernel "
               "(models/norm_act_depthwise.py)\n")
-        print(norm_act_dw_table(rows) + "\n")
         steps = norm_act_dw_steps(args.norm_act_depthwise or list(NORM_ACT_DW_MODELS), args.all_batch, args.all_rounds,
                                   args.warmup, log=log)
-        print(f"Whole training steps ({DEFAULT.describe()}), the same models, batch {args.all_batch}:\n")
-        print(norm_act_dw_table(steps) + "\n")
-        csv_rows += rows + steps
+        csv_rows += _print_layers_and_steps(norm_act_dw_table(rows), rows, steps, DEFAULT, args.all_batch)
     if args.norm_act_depthwise_bf16 is not None:
         names = args.norm_act_depthwise_bf16 or list(DEPTHWISE_MODELS)
         rows = bf16_norm_act_dw_layers(names, args.all_batch, args.all_rounds, args.warmup, log=log)
         print(f"## Under bf16 autocast: norm + act + depthwise convs that stay in bf16, forward + backward, channels-last, "
               f"batch {args.all_batch}, median of {args.all_rounds} interleaved rounds: two bf16 layers against one kernel "
               "reading and writing bf16 (models/norm_act_depthwise.py)\n")
-        print(norm_act_dw_table(rows) + "\n")
         steps = bf16_norm_act_dw_steps(names, args.all_batch, args.all_rounds, args.warmup, log=log)
-        print(f"Whole training steps ({BF16.describe()}), the same models, batch {args.all_batch}:\n")
-        print(norm_act_dw_table(steps) + "\n")
-        csv_rows += rows + steps
+        csv_rows += _print_layers_and_steps(norm_act_dw_table(rows), rows, steps, BF16, args.all_batch)
+    if args.max_pool is not None:
+        names = args.max_pool or ["xception_small"]
+        rows = max_pool_layers(names, args.all_batch, args.all_rounds, args.warmup, log=log)
+        print(f"## Max-pools, forward + backward, channels-last, batch {args.all_batch}, median of {args.all_rounds} "
+              "interleaved rounds: PyTorch's max_pool2d against the zoo's kernel (models/pool.py)\n")
+        steps = max_pool_steps(names, args.all_batch, args.all_rounds, args.warmup, log=log)
+        csv_rows += _print_layers_and_steps(max_pool_table(rows), rows, steps, DEFAULT, args.all_batch)
     # parts 8-10: whole steps with one kernel choice off and on (switched_steps)
     for chosen, steps, default, title in (
         (args.residual_end, residual_end_steps, RESIDUAL_MODELS,

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .depthwise import depthwise_conv2d
-from .norm_act import batch_norm_act, batch_norm_add_act
-from .norm_act_depthwise import norm_act_depthwise
+from .norm_act import FUSED_ACTIVATIONS, batch_norm_act, batch_norm_add_act
+from .norm_act_depthwise import act_depthwise, norm_act_depthwise
 from .pointwise import PointwiseConv
 
 LayerFactory = Callable[..., nn.Module]
@@ -268,34 +268,47 @@ class DepthwiseSeparableConv(nn.Module):
         return self.conv_pw(self.se(self.conv_dw(x)))
 
 
-def separable_chain(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def separable_chain(layers: list[nn.Module], x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`x` through `layers` in order, as nn.Sequential runs them; where one ends in a `ConvNormAct`
     (itself, or a `DepthwiseSeparableConv`'s pointwise) and the next is a `DepthwiseSeparableConv`,
     the first's norm + act run inside the second's depthwise conv kernel when training on CPU
     (models/norm_act_depthwise.py), as in an inverted residual: MobileNetV1's stem and blocks, the
-    units of an Xception block. Identity layers (Xception's ReLU slots) pass through."""
+    units of an Xception block. An activation layer right before a `DepthwiseSeparableConv` (an
+    Xception block's opening ReLU) runs inside its depthwise conv the same way. Identity layers
+    (Xception's ReLU slots) pass through. With `residual`, returns `residual + chain(x)`, the sum in
+    the last norm's kernel where the chain ends in a linear `ConvNormAct` (`linear_residual_end`)."""
     layers = [m for m in layers if type(m) is not nn.Identity or _hooked(m)]
     pre, pending = None, None  # `pending`'s conv has run (giving `pre`); its norm + act wait for the next layer
     for i, layer in enumerate(layers):
         following = layers[i + 1] if i + 1 < len(layers) else None
         if pending is not None:  # `layer` is a DepthwiseSeparableConv: checked before deferring
             dw = layer.conv_dw
-            h = batch_norm_act(norm_act_depthwise(pre, pending.bn, pending.act, dw.conv), dw.bn, dw.act)
-            last, h = layer.conv_pw, layer.se(h)
+            if type(pending) is ConvNormAct:
+                h = norm_act_depthwise(pre, pending.bn, pending.act, dw.conv)
+            else:  # an activation layer
+                h = act_depthwise(x, pending, dw.conv)
+            last, h = layer.conv_pw, layer.se(batch_norm_act(h, dw.bn, dw.act))
         elif type(layer) is DepthwiseSeparableConv and not _hooked(layer):
             last, h = layer.conv_pw, layer.se(layer.conv_dw(x))
         elif type(layer) is ConvNormAct:
             last, h = layer, x
         else:
-            x, pending = layer(x), None
+            deferred = type(layer) in FUSED_ACTIVATIONS and not _hooked(layer) and _plain_separable(following)
+            x, pending = (x, layer) if deferred else (layer(x), None)
             continue
-        defer = (type(following) is DepthwiseSeparableConv and type(following.conv_dw) is DepthwiseConv
-                 and type(last) is ConvNormAct and not (_hooked(following) or _hooked(following.conv_dw) or _hooked(last)))
-        if defer:
+        if type(last) is ConvNormAct and not _hooked(last) and _plain_separable(following):
             pre, pending = last.conv(h), last
+        elif residual is not None and following is None:
+            return linear_residual_end(last, h, residual)
         else:
             x, pending = last(h), None
-    return x
+    return x if residual is None else residual + x
+
+
+def _plain_separable(layer: nn.Module | None) -> bool:
+    """A `DepthwiseSeparableConv` whose depthwise conv can take the layer before's norm + act (or act)."""
+    return (type(layer) is DepthwiseSeparableConv and type(layer.conv_dw) is DepthwiseConv
+            and not (_hooked(layer) or _hooked(layer.conv_dw)))
 
 
 class DenseConv(nn.Module):

@@ -25,10 +25,10 @@ import torch.nn as nn
 
 from . import kernels, native
 from .depthwise import _covered, depthwise_conv2d, float32_under_autocast
+from .norm_act import FUSED_ACTIVATIONS, batch_norm_act
 from .norm_act import _fusable as _norm_fusable
-from .norm_act import batch_norm_act
 
-__all__ = ["norm_act_depthwise"]
+__all__ = ["act_depthwise", "norm_act_depthwise"]
 
 _I = ctypes.c_int64
 _ptr = native.ptr
@@ -37,7 +37,8 @@ _ptr = native.ptr
 class _NormActDepthwise(torch.autograd.Function):
     """dwconv(act(batch_norm(x))) in training mode; x float32 or bf16 channels-last, CPU (a bf16 x is
     read as it is and its gradient written in bf16). The output is float32, or bf16 with `bf16_out`
-    (x bf16 only; its gradient is then read as bf16 too). Updates the running stats."""
+    (x bf16 only; its gradient is then read as bf16 too). Updates the running stats. With `bn` None
+    (and gamma, beta None): dwconv(act(x)), the norm's place held by the identity."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bn: nn.BatchNorm2d, act: str, stride: int, bf16_out: bool = False):
@@ -47,13 +48,16 @@ class _NormActDepthwise(torch.autograd.Function):
         p = k // 2
         oh, ow = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
         threads = ctypes.c_int(torch.get_num_threads())
-        gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
-        mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
-        getattr(native.lib(), f"norm_act_stats{bf16}")(
-            _ptr(x), _I(n * h * w), _I(c), _ptr(gamma), ctypes.c_double(bn.eps), ctypes.c_double(bn.momentum),
-            _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd), _ptr(a), threads,
-        )  # fmt: skip
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
+        if bn is None:  # (x - 0) * 1 + 0: the kernel's normalisation gives x back exactly
+            gamma, invstd, a, mean, beta = torch.ones(c), torch.ones(c), torch.ones(c), torch.zeros(c), torch.zeros(c)
+        else:
+            gamma, beta = gamma.detach().contiguous(), beta.detach().contiguous()
+            mean, invstd, a = torch.empty(c), torch.empty(c), torch.empty(c)
+            getattr(native.lib(), f"norm_act_stats{bf16}")(
+                _ptr(x), _I(n * h * w), _I(c), _ptr(gamma), ctypes.c_double(bn.eps), ctypes.c_double(bn.momentum),
+                _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(mean), _ptr(invstd), _ptr(a), threads,
+            )  # fmt: skip
+            bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
         taps = weight.detach().reshape(c, k * k).t().contiguous()  # [k*k][C], as depthwise.c takes them
         if bf16_out:
             bf16 = "_bf16z"  # ... and write a bf16 z (and read its gradient as bf16)
@@ -64,6 +68,7 @@ class _NormActDepthwise(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(x, gamma, beta, mean, invstd, a, taps)
         ctx.act, ctx.stride, ctx.weight_shape, ctx.z_dtype = act + bf16, stride, weight.shape, z.dtype
+        ctx.norm = bn is not None
         return z
 
     @staticmethod
@@ -78,8 +83,10 @@ class _NormActDepthwise(torch.autograd.Function):
         getattr(native.lib(), f"norm_act_dw_backward_{ctx.act}")(
             _ptr(x), _ptr(mean), _ptr(a), _ptr(beta), _ptr(invstd), _ptr(gamma), _ptr(taps), _ptr(dz), _ptr(dx),
             _ptr(dtaps), _ptr(dgamma), _ptr(dbeta), _I(n), _I(h), _I(w), _I(c), _I(oh), _I(ow), ctypes.c_int(k),
-            ctypes.c_int(ctx.stride), ctypes.c_int(torch.get_num_threads()),
+            ctypes.c_int(ctx.stride), ctypes.c_int(ctx.norm), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
+        if not ctx.norm:
+            dgamma = dbeta = None
         return dx, dgamma, dbeta, dtaps.t().reshape(ctx.weight_shape), None, None, None, None
 
 
@@ -99,6 +106,26 @@ def bf16_kernel_wins(k: int, h: int, w: int) -> bool:
     (docs/train_speed.md) measured every such layer of the MobileNets and xception_small: 1.01-1.36x on
     maps of 8x8 and more, 0.84-0.95x on 4x4 maps."""
     return k == 3 and h * w >= 64
+
+
+def act_kernel_wins(k: int, h: int, w: int) -> bool:
+    """`bf16_kernel_wins` for a stride-1 conv with no norm before it: with no norm to fold in, the kernel
+    saves less. `python -m benchmarks.train_speed --norm-act-depthwise-bf16` measured xception_small's
+    64x32x32 map 1.17x faster, its 128x16x16 and 256x8x8 ones 0.96x and 1.01x: 3x3 on maps of 32x32 and more."""
+    return k == 3 and h * w >= 1024
+
+
+def act_depthwise(x: torch.Tensor, act: nn.Module, conv: nn.Module) -> torch.Tensor:
+    """`conv(act(x))`, with `conv` a depthwise conv and no norm between (an Xception block's opening
+    ReLU): under CPU autocast to bf16, the one kernel reading and writing bf16 where `act_kernel_wins`,
+    the norm's place held by the identity; elsewhere the two layers."""
+    name = FUSED_ACTIVATIONS.get(type(act))
+    if (name is not None and kernels.low_precision_autocast() and x.dtype == torch.bfloat16 and _covered(x, conv)
+            and conv.stride[0] == 1 and act_kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3])
+            and not (act._forward_hooks or act._forward_pre_hooks or getattr(act, "inplace", False))
+            and native.lib() is not None):  # (an in-place act would also have overwritten x)
+        return _NormActDepthwise.apply(x, None, None, conv.weight, None, name, 1, True)
+    return depthwise_conv2d(act(x), conv)
 
 
 def norm_act_depthwise(x: torch.Tensor, bn: nn.Module, act: nn.Module, conv: nn.Module) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ._base import ClassifierMixin
-from .layers import init_weights, ConvMode, ConvNormAct, make_divisible, separable_chain
+from .layers import init_weights, ConvMode, ConvNormAct, linear_residual_end, make_divisible, separable_chain
+from .pool import max_pool2d
 from .registry import register_model
 
 __all__ = ["Xception", "XceptionBlock"]
@@ -82,7 +83,8 @@ class XceptionBlock(nn.Module):
             # unit i's norm layer instead: its ConvNormAct then runs BN and ReLU as one kernel when
             # training (models/norm_act.py), one pass less over the map each way. Same function, and
             # the same state_dict keys, since a ReLU holds no weights: its slot stays, as an Identity.
-            # The block's first ReLU stays a layer (not in place: the shortcut still needs the input).
+            # The block's first ReLU stays a layer (not in place: the shortcut still needs the input); when
+            # training under bf16 autocast it runs inside the first unit's depthwise kernel (models/layers.py).
             units.append(act_layer() if i == 0 and start_with_act else nn.Identity())
             act_after = act_layer if i < reps - 1 else None  # the last unit's BN feeds the sum
             units.append(
@@ -100,8 +102,13 @@ class XceptionBlock(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the same units; each unit's norm + ReLU inside the next unit's depthwise kernel when training on CPU
-        return self.pool(separable_chain(list(self.convs), x)) + self.shortcut(x)
+        # The same units, and the same sum; when training on CPU each unit's norm + ReLU runs inside the next
+        # unit's depthwise kernel, the pool on the zoo's max-pool kernel (models/pool.py), and the sum inside
+        # the norm before it: the last unit's (an identity shortcut) or the shortcut's.
+        if type(self.shortcut) is nn.Identity and type(self.pool) is nn.Identity:
+            return separable_chain(list(self.convs), x, residual=x)
+        pooled = max_pool2d(separable_chain(list(self.convs), x), self.pool)
+        return linear_residual_end(self.shortcut, x, pooled) if type(self.shortcut) is ConvNormAct else pooled + self.shortcut(x)
 
 
 class Xception(ClassifierMixin, nn.Module):

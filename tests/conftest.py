@@ -106,6 +106,17 @@ def _pipeline_tests_use_one_thread(request):
         yield
 
 
+@pytest.fixture
+def kernels_on():
+    """The measured kernel rules on, whatever POINTWISE_ZOO_PLAIN_KERNELS says (the kernel tests'
+    `pytestmark` asks for it); a failing test must not leave them off for the next one."""
+    from models import kernels
+
+    previous = kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(previous)
+
+
 @pytest.fixture(scope="session")
 def imagefolder_root(tmp_path_factory) -> Path:
     """<root>/train/<class>/*.png only: validation is what gets reported."""

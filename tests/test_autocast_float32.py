@@ -12,15 +12,11 @@ import torch.nn as nn
 import models
 from models import depthwise, kernels, norm_act, norm_act_depthwise
 
-pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)")
+pytestmark = [
+    pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)"),
+    pytest.mark.usefixtures("kernels_on"),
+]
 CL = torch.channels_last
-
-
-@pytest.fixture(autouse=True)
-def kernels_on():
-    previous = kernels.set_enabled(True)
-    yield
-    kernels.set_enabled(previous)
 
 
 def bf16_autocast():
@@ -141,6 +137,38 @@ def test_a_stride_1_3x3_norm_act_and_depthwise_conv_run_on_one_bf16_kernel(act, 
         assert torch.equal(a, b)
 
 
+def test_an_activation_alone_runs_inside_the_bf16_depthwise_kernel(monkeypatch):
+    """conv(act(x)) with no norm between (an Xception block's opening ReLU): the one kernel with the
+    identity in the norm's place, bf16 in and out -- its float32 functions' result on the same values,
+    rounded once, and as close to float64 as bf16 allows; the layers wherever the kernel does not apply."""
+    calls = _spy(monkeypatch)
+    conv, x = _dw(48, 3, 1), _bf16_input((2, 48, 32, 32))  # `act_kernel_wins`: 3x3 on maps of 32x32 and more
+    with bf16_autocast():
+        z = norm_act_depthwise.act_depthwise(x, nn.ReLU(), conv)
+    torch.manual_seed(2)
+    g = torch.randn(z.shape).contiguous(memory_format=CL).bfloat16()
+    z.backward(g)
+    assert calls["bf16"] == 1 and z.dtype == x.grad.dtype == torch.bfloat16
+    conv32, x32 = _dw(48, 3, 1), x.detach().float().requires_grad_()
+    z32 = norm_act_depthwise._NormActDepthwise.apply(x32, None, None, conv32.weight, None, "relu", 1)
+    z32.backward(g.float())
+    assert torch.equal(z, z32.bfloat16()) and torch.equal(x.grad, x32.grad.bfloat16())
+    assert torch.equal(conv.weight.grad, conv32.weight.grad)
+    conv64, x64 = _dw(48, 3, 1).double(), x.detach().double().requires_grad_()
+    z64 = conv64(torch.relu(x64))
+    z64.backward(g.double())
+    torch.testing.assert_close(z.double(), z64, atol=0.05, rtol=0.01)  # bf16's rounding of z
+    torch.testing.assert_close(z32.double(), z64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv32.weight.grad.double(), conv64.weight.grad, atol=1e-4, rtol=1e-5)
+    calls["bf16"] = calls["fused"] = 0  # (the float32 reference above was a call too)
+    with bf16_autocast():
+        norm_act_depthwise.act_depthwise(x.detach().clone().requires_grad_() * 1, nn.ReLU(inplace=True), conv)  # layers
+        norm_act_depthwise.act_depthwise(_bf16_input((4, 48, 16, 16)), nn.ReLU(), conv)  # a smaller map: layers
+    norm_act_depthwise.act_depthwise(x.detach().float().requires_grad_(), nn.ReLU(), conv)  # float32: layers
+    assert calls["bf16"] == 0 and calls["fused"] == 0
+
+
 def test_a_stride_1_3x3_norm_act_and_depthwise_conv_on_a_small_map_run_as_two_bf16_layers(monkeypatch):
     """Where the one kernel does not win (4x4 maps), the norm + act run on the norm kernel's bf16
     functions and the conv as autocast runs it: what the two layers give under autocast with the norm fused."""
@@ -224,7 +252,7 @@ def test_mobilenets_train_their_slow_depthwise_convs_in_float32(name, monkeypatc
     assert (logits - exact).abs().max() <= 1.5 * (plain - exact).abs().max() + 1e-3
 
 
-def test_xception_keeps_its_depthwise_convs_in_bf16(monkeypatch):
+def test_xception_trains_its_depthwise_convs_in_bf16(monkeypatch):
     calls = _spy(monkeypatch)
     torch.manual_seed(0)
     model = models.create_model("xception_small", num_classes=10).to(memory_format=CL)
@@ -232,8 +260,9 @@ def test_xception_keeps_its_depthwise_convs_in_bf16(monkeypatch):
         model(torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)).float().sum().backward()
     # every depthwise conv is a stride-1 3x3 on a map of 4x4 or more: all bf16. Those after a unit's norm + ReLU
     # on maps of 8x8 or more run on the one bf16 kernel: each block's units after its first (blocks 1 and 2 at
-    # 32x32, block 3 at 16x16, the 4 middle blocks' 2 each and the exit block's 1 at 8x8); the head's are 4x4
-    assert calls["depthwise"] == [] and calls["fused"] == 0 and calls["bf16"] == 1 + 1 + 1 + 4 * 2 + 1
+    # 32x32, block 3 at 16x16, the 4 middle blocks' 2 each and the exit block's 1 at 8x8; the head's are 4x4),
+    # and of the blocks' opening ReLUs the one on a 32x32 map (block 2's)
+    assert calls["depthwise"] == [] and calls["fused"] == 0 and calls["bf16"] == (1 + 1 + 1 + 4 * 2 + 1) + 1
 
 
 def test_eval_under_autocast_runs_no_kernel(monkeypatch):

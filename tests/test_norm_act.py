@@ -13,16 +13,12 @@ import models
 from models import kernels, native, norm_act
 from models.layers import Bottleneck, ConvNormAct, InvertedResidual
 
-pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)")
+pytestmark = [
+    pytest.mark.skipif(not norm_act.available(), reason="the fused kernel cannot be built here (no C compiler?)"),
+    pytest.mark.usefixtures("kernels_on"),
+]
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Identity]
-
-
-@pytest.fixture(autouse=True)
-def kernels_on():
-    previous = kernels.set_enabled(True)
-    yield
-    kernels.set_enabled(previous)
 
 
 def _pair(chs, seed=0):
@@ -357,6 +353,26 @@ def test_inverted_residuals_end_in_the_kernel_unless_hooks_sit_there(monkeypatch
     model.eval()
     calls.clear()
     model(x)
+    assert calls == []
+
+
+def test_xception_blocks_sum_inside_a_norm_and_give_the_layers_result(monkeypatch):
+    """Each Xception block's residual sum runs in a norm's kernel when training: the last unit's (the 4
+    middle blocks, identity shortcut) or the shortcut's (the 4 blocks that change width, after the pool).
+    The logits are the plain layers' (float32 rounding apart); eval runs the layers."""
+    calls = []
+    real = norm_act._BatchNormAdd.apply
+    monkeypatch.setattr(norm_act._BatchNormAdd, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    model = models.create_model("xception_small", drop_rate=0.0).to(memory_format=torch.channels_last)  # no dropout draw
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    logits = model(x)
+    logits.sum().backward()
+    assert calls == ["identity"] * 8
+    with kernels.plain():
+        torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    model.eval()(x)
     assert calls == []
 
 

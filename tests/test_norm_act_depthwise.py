@@ -11,14 +11,10 @@ import models
 from models import kernels, norm_act, norm_act_depthwise
 from models.layers import InvertedResidual, separable_chain
 
-pytestmark = pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)")
-
-
-@pytest.fixture(autouse=True)
-def kernels_on():
-    previous = kernels.set_enabled(True)
-    yield
-    kernels.set_enabled(previous)
+pytestmark = [
+    pytest.mark.skipif(not norm_act.available(), reason="the C kernels cannot be built here (no C compiler?)"),
+    pytest.mark.usefixtures("kernels_on"),
+]
 
 
 def _layers(c, k, s, act, seed=0):

@@ -18,13 +18,7 @@ from models import kernels
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
 
 
-@pytest.fixture(autouse=True)
-def kernels_on():
-    # The rules are what is tested here, whatever POINTWISE_ZOO_PLAIN_KERNELS says; a failing test
-    # must not leave them off for the next one.
-    previous = kernels.set_enabled(True)
-    yield
-    kernels.set_enabled(previous)
+pytestmark = pytest.mark.usefixtures("kernels_on")  # the rules are what is tested here
 
 
 def _input(shape, dtype, channels_last):

@@ -271,11 +271,22 @@ def test_norm_bf16_steps_switch_the_bf16_norm_kernels(monkeypatch):
 @pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
 def test_bf16_norm_act_depthwise_rows_cover_every_bf16_layer_and_the_steps_switch_its_rule(monkeypatch):
     # xception_small at batch 2: the units after each block's first reach the one kernel's dispatch in bf16
-    # (2 at 32x32, 1 at 16x16, 9 at 8x8), and the head's second unit does not (an nn.Sequential)
+    # (2 at 32x32, 1 at 16x16, 9 at 8x8), each block's opening ReLU but the first block's with no norm before
+    # (32x32, 16x16, 5 at 8x8), and the head's second unit does not (an nn.Sequential)
     shapes = ts.bf16_norm_act_dw_shapes(["xception_small"], batch=2)
-    assert shapes == {(2, 64, 32, 32, 3, 1, "ReLU"): ["xception_small x1"], (2, 128, 32, 32, 3, 1, "ReLU"): ["xception_small x1"],
-                      (2, 256, 16, 16, 3, 1, "ReLU"): ["xception_small x1"], (2, 256, 8, 8, 3, 1, "ReLU"): ["xception_small x9"]}
-    assert ts.models.layers.norm_act_depthwise.__name__ == "norm_act_depthwise"  # the spy is gone
+    once = ["xception_small x1"]
+    assert shapes == {(2, 64, 32, 32, 3, 1, "ReLU"): once, (2, 128, 32, 32, 3, 1, "ReLU"): once,
+                      (2, 256, 16, 16, 3, 1, "ReLU"): once, (2, 256, 8, 8, 3, 1, "ReLU"): ["xception_small x9"],
+                      (2, 64, 32, 32, 3, 1, "ReLU, no norm"): once, (2, 128, 16, 16, 3, 1, "ReLU, no norm"): once,
+                      (2, 256, 8, 8, 3, 1, "ReLU, no norm"): ["xception_small x5"]}
+    layer_rows = ts.bf16_norm_act_dw_layers(["xception_small"], batch=2, rounds=1, warmup=0)
+    assert len(layer_rows) == 7 and all(r["two_layers_ms"] > 0 and r["fused_ms"] > 0 for r in layer_rows)
+    assert "| 2x128x16x16 | 3 | 1 | ReLU, no norm | xception_small x1 |" in ts.norm_act_dw_table(layer_rows)
+    used = {(r["shape"], r["act"]): r["used"] for r in layer_rows}  # act_kernel_wins for those with no norm
+    assert used[("2x64x32x32", "ReLU, no norm")] and not used[("2x128x16x16", "ReLU, no norm")] and used[("2x256x8x8", "ReLU")]
+    # the spies are gone
+    assert (ts.models.layers.norm_act_depthwise.__name__, ts.models.layers.act_depthwise.__name__) == (
+        "norm_act_depthwise", "act_depthwise")
     rows = ts.bf16_norm_act_dw_layers(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
     assert all(r["two_layers_ms"] > 0 and r["fused_ms"] > 0 and r["stride"] == 1 and r["kernel"] == 3 for r in rows)
     assert {(r["shape"], r["used"]) for r in rows} >= {("2x960x4x4", False), ("2x144x32x32", True)}
@@ -287,6 +298,24 @@ def test_bf16_norm_act_depthwise_rows_cover_every_bf16_layer_and_the_steps_switc
     with ts._bf16_depthwise_rule(False):
         ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.5), ts.BF16, batch=2)()
     assert True not in calls and ts.models.norm_act_depthwise.bf16_kernel_wins.__name__ == "bf16_kernel_wins"
+    assert ts.models.norm_act_depthwise.act_kernel_wins.__name__ == "act_kernel_wins"
     steps = ts.bf16_norm_act_dw_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
     assert calls.count(True) >= 8 and steps[0]["speedup"] > 0  # its stride-1 3x3 layers on 8x8 maps or more, rule on
     assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(steps) and "one bf16 kernel" in ts.norm_act_dw_table(steps)
+
+
+@pytest.mark.skipif(not ts.models.native.lib(), reason="the C kernels cannot be built here")
+def test_max_pool_rows_cover_every_pool_and_the_steps_switch_the_kernel(monkeypatch):
+    rows = ts.max_pool_layers(["xception_small", "resnet20"], batch=2, rounds=1, warmup=0)
+    assert [r["shape"] for r in rows] == ["2x128x32x32", "2x256x16x16", "2x384x8x8"]  # resnet20 has none
+    assert all(r["pytorch_ms"] > 0 and r["kernel_ms"] > 0 and r["models"] == "xception_small x1" for r in rows)
+    assert "| 2x256x16x16 |" in ts.max_pool_table(rows) and "3x3, stride 2, pad 1" in ts.max_pool_table(rows)
+    calls = []
+    real = ts.models.pool._MaxPool.apply
+    monkeypatch.setattr(ts.models.pool._MaxPool, "apply", lambda *a: calls.append(1) or real(*a))
+    with ts._max_pool_kernel(False):
+        ts.TrainStep(ts.models.create_model("xception_small", width=0.25), ts.DEFAULT, batch=2)()
+    assert calls == [] and ts.models.pool._covered.__name__ == "_covered"  # off, then restored
+    steps = ts.max_pool_steps(["xception_small"], batch=2, rounds=1, warmup=0)
+    assert len(calls) >= 3 and steps[0]["speedup"] > 0  # its three pools, in the rounds with the kernel on
+    assert "| `xception_small` |" in ts.norm_act_dw_table(steps) and "max-pool kernel" in ts.norm_act_dw_table(steps)

@@ -17,7 +17,9 @@
  * map kept for the backward is x alone.
  *
  * The statistics (and the running averages) come from norm_act_stats (norm_act.c) before the
- * forward, and the norm's gradients from its norm_grad_coefficients. Channels come in blocks of 16 as in depthwise.c (C >= 16; a last block that would run
+ * forward, and the norm's gradients from its norm_grad_coefficients. With no norm before the
+ * activation (an Xception block's opening ReLU) the caller passes mean 0 and scale 1, which give x
+ * back exactly, and the backward's `norm` 0: the activation's gradient is then x's gradient. Channels come in blocks of 16 as in depthwise.c (C >= 16; a last block that would run
  * past C starts at C - 16 and overlaps the block before: values it writes twice are equal, and
  * totals skip the lanes the block before already counted). Weights are [k*k][C] (tap-major). */
 #include <math.h>
@@ -217,7 +219,8 @@ static inline __attribute__((always_inline)) void weight_tile(
                                      const float *restrict w, const ZT *restrict dz,               \
                                      XT *restrict dx, float *restrict dw, float *restrict dgamma,  \
                                      float *restrict dbeta, int64_t N, int64_t H, int64_t W,       \
-                                     int64_t C, int64_t OH, int64_t OW, int k, int s, int nthreads) { \
+                                     int64_t C, int64_t OH, int64_t OW, int k, int s, int norm,    \
+                                     int nthreads) {                                               \
         int p = k / 2;                                                                             \
         int64_t Wp = W + 2 * p, KK = (int64_t)k * k, M = N * H * W;                                \
         float *g = G_ALLOC; /* the activation's output gradient, dy * act'(y) */                   \
@@ -287,11 +290,17 @@ static inline __attribute__((always_inline)) void weight_tile(
             free(tile); free(dtile); free(dyrow); free(dzbuf); free(wacc); free(f1); free(f2); free(mw); free(m1); free(m2); \
         }                                                                                          \
         for (int64_t q = 0; q < KK * C; q++) dw[q] = (float)tw[q];                                 \
-        /* dx = gamma * invstd * (g - sum g / M - xhat * sum(g * xhat) / M) (float: in place over g) */ \
+        /* dx = gamma * invstd * (g - sum g / M - xhat * sum(g * xhat) / M) (float: in place over g); \
+         * without a norm (norm == 0: z = dwconv(act(x)), mean 0 and a 1) dx is g itself */        \
         float *k1 = malloc(C * sizeof(float)), *k2 = malloc(C * sizeof(float)),                   \
               *scale = malloc(C * sizeof(float));                                                  \
-        norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale);        \
+        if (norm) norm_grad_coefficients(s1, s2, M, C, gamma, invstd, dgamma, dbeta, k1, k2, scale); \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < M; r++) { \
+            if (!norm) {                                                                           \
+                if ((void *)dx != (void *)g)                                                       \
+                    _Pragma("omp simd") for (int64_t c = 0; c < C; c++) dx[r * C + c] = SX(g[r * C + c]); \
+                continue;                                                                          \
+            }                                                                                      \
             _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                                  \
                 int64_t i = r * C + c;                                                             \
                 dx[i] = SX((g[i] - k1[c]) * scale[c] - (LX(x[i]) - mean[c]) * k2[c]);               \
