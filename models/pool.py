@@ -1,7 +1,7 @@
 """Max pooling for training on CPU: the zoo's C kernel (issue 8).
 
 `max_pool2d(x, pool)` returns `pool(x)` for an `nn.MaxPool2d`. When a float32 or bf16 channels-last
-map is trained on a CPU (gradients wanted), it runs `csrc/max_pool.c`: the same maxima and the
+map of 16 channels or more is trained on a CPU (gradients wanted), it runs `csrc/max_pool.c`: the same maxima and the
 same gradients as PyTorch's (ties and NaNs resolved alike; the C file says how), with a one-byte
 window index kept for the backward instead of an int64 one, and an input gradient gathered and
 written once instead of zero-filled and scattered into. xception_small's strided blocks pool
@@ -71,8 +71,8 @@ def _covered(x: torch.Tensor, pool: nn.Module) -> tuple[int, int, int] | None:
         return None  # switched off, a graph being captured (first: x may be a tracer's proxy), or FLOP counting
     if type(pool) is not nn.MaxPool2d or pool._forward_hooks or pool._forward_pre_hooks:
         return None
-    if not (torch.is_grad_enabled() and x.requires_grad) or not x.is_cpu or x.dim() != 4:
-        return None  # only training needs the backward's index; inference stays PyTorch's
+    if not (torch.is_grad_enabled() and x.requires_grad) or not x.is_cpu or x.dim() != 4 or x.shape[1] < 16:
+        return None  # only training needs the backward's index (inference stays PyTorch's); channels 16 at a time
     if x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous(memory_format=torch.channels_last):
         return None
     k, s, p = _square(pool.kernel_size), _square(pool.stride), _square(pool.padding)
