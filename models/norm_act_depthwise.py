@@ -103,15 +103,16 @@ def bf16_kernel_wins(k: int, h: int, w: int) -> bool:
     """Under CPU autocast to bf16, for the convs that stay in bf16 (stride 1, 3x3: `kernels.float32_depthwise`):
     where the one kernel reading and writing bf16 beats the two layers in bf16 (the norm's bf16 kernel,
     then oneDNN's bf16 conv). `python -m benchmarks.train_speed --norm-act-depthwise-bf16`
-    (docs/train_speed.md) measured every such layer of the MobileNets and xception_small: 1.01-1.36x on
-    maps of 8x8 and more, 0.84-0.95x on 4x4 maps."""
+    (docs/train_speed.md) measured every such layer of the MobileNets and xception_small in two runs:
+    1.01-1.36x and 0.95-1.53x on maps of 8x8 and more, 0.79-0.95x on 4x4 maps."""
     return k == 3 and h * w >= 64
 
 
 def act_kernel_wins(k: int, h: int, w: int) -> bool:
     """`bf16_kernel_wins` for a stride-1 conv with no norm before it: with no norm to fold in, the kernel
     saves less. `python -m benchmarks.train_speed --norm-act-depthwise-bf16` measured xception_small's
-    64x32x32 map 1.17x faster, its 128x16x16 and 256x8x8 ones 0.96x and 1.01x: 3x3 on maps of 32x32 and more."""
+    64x32x32 map at 1.17x, 0.88x and 1.26x in three runs, its 128x16x16 and 256x8x8 ones at 0.89-1.04x:
+    3x3 on maps of 32x32 and more."""
     return k == 3 and h * w >= 1024
 
 

@@ -1,13 +1,15 @@
 """Max pooling for training on CPU: the zoo's C kernel (issue 8).
 
 `max_pool2d(x, pool)` returns `pool(x)` for an `nn.MaxPool2d`. When a float32 or bf16 channels-last
-map of 16 channels or more is trained on a CPU (gradients wanted), it runs `csrc/max_pool.c`: the same maxima and the
-same gradients as PyTorch's (ties and NaNs resolved alike; the C file says how), with a one-byte
-window index kept for the backward instead of an int64 one, and an input gradient gathered and
-written once instead of zero-filled and scattered into. xception_small's strided blocks pool
-their 3x3 windows at stride 2 this way. Everything else -- eval or no_grad, NCHW, dilation, ceil
-mode, returned indices, hooks on the pool, graph capture, a dispatch mode such as FlopCounterMode,
-no C compiler -- calls `pool(x)`. `models.kernels.plain()` turns it off with the other measured kernels.
+map of 16 channels or more is trained on a CPU (gradients wanted), it runs `csrc/max_pool.c`: the
+same maxima and gradients as PyTorch's (ties and NaNs resolved alike; a bf16 gradient summed in
+float and rounded once; the C file says how), with a one-byte window index kept for the backward
+instead of an int64 one, and an input gradient gathered and written once instead of zero-filled
+and scattered into: 1.95-2.21x PyTorch's pool on xception_small's three (`python -m
+benchmarks.train_speed --max-pool`, docs/train_speed.md). Everything else -- eval or no_grad,
+NCHW, fewer channels, dilation, ceil mode, returned indices, hooks on the pool, graph capture, a
+dispatch mode such as FlopCounterMode, no C compiler -- calls `pool(x)`. `models.kernels.plain()`
+turns it off with the other measured kernels.
 """
 
 from __future__ import annotations

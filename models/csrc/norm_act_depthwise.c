@@ -19,9 +19,10 @@
  * The statistics (and the running averages) come from norm_act_stats (norm_act.c) before the
  * forward, and the norm's gradients from its norm_grad_coefficients. With no norm before the
  * activation (an Xception block's opening ReLU) the caller passes mean 0 and scale 1, which give x
- * back exactly, and the backward's `norm` 0: the activation's gradient is then x's gradient. Channels come in blocks of 16 as in depthwise.c (C >= 16; a last block that would run
- * past C starts at C - 16 and overlaps the block before: values it writes twice are equal, and
- * totals skip the lanes the block before already counted). Weights are [k*k][C] (tap-major). */
+ * back exactly, and the backward's `norm` 0: the activation's gradient is then x's gradient.
+ * Channels come in blocks of 16 as in depthwise.c (C >= 16; a last block that would run past C
+ * starts at C - 16 and overlaps the block before: values it writes twice are equal, and totals
+ * skip the lanes the block before already counted). Weights are [k*k][C] (tap-major). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
