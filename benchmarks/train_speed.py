@@ -574,7 +574,7 @@ def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, 
     """Parts 6 and 11: each shape's norm + act + depthwise conv, forward + backward, two layers against
     the one kernel (its bf16-output functions with `bf16`, x and the output gradient then bf16 and the
     step under bf16 autocast), in the same interleaved rounds; "used": what the rule picks there."""
-    from models.norm_act_depthwise import _NormActDepthwise, act_kernel_wins, bf16_kernel_wins, kernel_wins
+    from models.norm_act_depthwise import _NormActDepthwise, bf16_kernel_wins, kernel_wins
 
     acts = {"ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "Hardswish": nn.Hardswish}
     dtype, rule = (torch.bfloat16, bf16_kernel_wins) if bf16 else (torch.float32, kernel_wins)
@@ -604,7 +604,7 @@ def _time_norm_act_dw(shapes: dict[tuple, list[str]], rounds: int, warmup: int, 
         rows.append({"table": "norm_act_depthwise_bf16" if bf16 else "norm_act_depthwise", "shape": f"{n}x{c}x{h}x{w}",
                      "kernel": k, "stride": s, "act": act_name, "models": ", ".join(where),
                      "two_layers_ms": t["two"].median * 1e3, "fused_ms": t["fused"].median * 1e3,
-                     "speedup": paired_ratio(t["two"], t["fused"]), "used": (rule if norm else act_kernel_wins)(k, h, w)})
+                     "speedup": paired_ratio(t["two"], t["fused"]), "used": rule(k, h, w)})
         if log:
             log(f"{'bf16 ' if bf16 else ''}norm+act+depthwise {rows[-1]['shape']} k{k} s{s}: {rows[-1]['speedup']:.2f}x")
     return rows
@@ -695,7 +695,7 @@ def bf16_norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: i
     return _time_norm_act_dw(bf16_norm_act_dw_shapes(names, batch), rounds, warmup, log, bf16=True)
 
 
-_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_names=("bf16_kernel_wins", "act_kernel_wins"))
+_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_names=("bf16_kernel_wins",))
 
 
 def bf16_norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:

@@ -103,26 +103,20 @@ def bf16_kernel_wins(k: int, h: int, w: int) -> bool:
     """Under CPU autocast to bf16, for the convs that stay in bf16 (stride 1, 3x3: `kernels.float32_depthwise`):
     where the one kernel reading and writing bf16 beats the two layers in bf16 (the norm's bf16 kernel,
     then oneDNN's bf16 conv). `python -m benchmarks.train_speed --norm-act-depthwise-bf16`
-    (docs/train_speed.md) measured every such layer of the MobileNets and xception_small in two runs:
-    1.01-1.36x and 0.95-1.53x on maps of 8x8 and more, 0.79-0.95x on 4x4 maps."""
+    (docs/train_speed.md) measured every such layer of the MobileNets and xception_small, once the
+    kernel kept the activation's gradient in bf16: 1.20-1.67x on maps of 8x8 and more, 1.00x and 0.91x
+    on 4x4 maps; with no norm before the activation (`act_depthwise`), 1.10-1.31x on xception_small's
+    32x32, 16x16 and 8x8 maps in two runs."""
     return k == 3 and h * w >= 64
-
-
-def act_kernel_wins(k: int, h: int, w: int) -> bool:
-    """`bf16_kernel_wins` for a stride-1 conv with no norm before it: with no norm to fold in, the kernel
-    saves less. `python -m benchmarks.train_speed --norm-act-depthwise-bf16` measured xception_small's
-    64x32x32 map at 1.17x, 0.88x and 1.26x in three runs, its 128x16x16 and 256x8x8 ones at 0.89-1.04x:
-    3x3 on maps of 32x32 and more."""
-    return k == 3 and h * w >= 1024
 
 
 def act_depthwise(x: torch.Tensor, act: nn.Module, conv: nn.Module) -> torch.Tensor:
     """`conv(act(x))`, with `conv` a depthwise conv and no norm between (an Xception block's opening
-    ReLU): under CPU autocast to bf16, the one kernel reading and writing bf16 where `act_kernel_wins`,
+    ReLU): under CPU autocast to bf16, the one kernel reading and writing bf16 where `bf16_kernel_wins`,
     the norm's place held by the identity; elsewhere the two layers."""
     name = FUSED_ACTIVATIONS.get(type(act))
     if (name is not None and kernels.low_precision_autocast() and x.dtype == torch.bfloat16 and _covered(x, conv)
-            and conv.stride[0] == 1 and act_kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3])
+            and conv.stride[0] == 1 and bf16_kernel_wins(conv.kernel_size[0], x.shape[2], x.shape[3])
             and not (act._forward_hooks or act._forward_pre_hooks or getattr(act, "inplace", False))
             and native.lib() is not None):  # (an in-place act would also have overwritten x)
         return _NormActDepthwise.apply(x, None, None, conv.weight, None, name, 1, True)

@@ -117,24 +117,33 @@ def test_the_fused_norm_and_depthwise_conv_compute_in_float32(act, k, s, monkeyp
 def test_a_stride_1_3x3_norm_act_and_depthwise_conv_run_on_one_bf16_kernel(act, hw, monkeypatch):
     """Where the conv stays bf16 and the one kernel wins (`bf16_kernel_wins`: 3x3 on maps of 8x8 and
     more), it reads x and writes z in bf16: z is the float32 kernel's z on x cast to float32, rounded
-    once as PyTorch rounds it, and the gradients are the float32 kernel's given the same (bf16) output
-    gradient, x's rounded to bf16; the running statistics are equal too."""
+    once as PyTorch rounds it; the weight, gamma and beta gradients and the running statistics are the
+    float32 kernel's given the same (bf16) output gradient. x's gradient is formed from a bf16 copy of
+    the activation's gradient (the two bf16 layers hand the norm a bf16 gradient too): no further from
+    float64 than those layers' (PyTorch's, under autocast), and within bf16 rounding of the float32 kernel's."""
     calls = _spy(monkeypatch)
-    shape, outs = (4, 48, hw, hw), []  # 48 channels: three blocks of 16, the last not overlapping; 11: rows of odd length
-    for autocast in (True, False):
+    shape, outs = (4, 48, hw, hw), {}  # 48 channels: three blocks of 16, the last not overlapping; 11: rows of odd length
+    for mode in ("kernel", "float32", "plain", "float64"):
         bn, conv, x = _bn(48), _dw(48, 3, 1), _bf16_input(shape)
-        x_in = x if autocast else x.detach().float().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            z = norm_act_depthwise.norm_act_depthwise(x_in, bn, act(), conv)
-        torch.manual_seed(2)
-        z.backward(torch.randn(z.shape).contiguous(memory_format=CL).bfloat16().to(z.dtype))
-        outs.append((z, x_in.grad, conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
-    (z, dx, *rest), (z32, dx32, *rest32) = outs
+        if mode == "float64":
+            bn, conv = bn.double(), conv.double()
+        x_in = x.detach().to(torch.float64 if mode == "float64" else torch.float32).requires_grad_() if mode in ("float32", "float64") else x
+        with kernels.plain() if mode == "plain" else torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode in ("kernel", "plain")):
+                z = norm_act_depthwise.norm_act_depthwise(x_in, bn, act(), conv)
+            torch.manual_seed(2)
+            z.backward(torch.randn(z.shape).contiguous(memory_format=CL).bfloat16().to(z.dtype))
+        outs[mode] = (z, x_in.grad, conv.weight.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+    (z, dx, *rest), (z32, dx32, *rest32) = outs["kernel"], outs["float32"]
     assert calls["bf16"] == 1 and calls["fused"] == 1  # the bf16 kernel under autocast, the float32 one outside
     assert z.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16 and z32.dtype == torch.float32
-    assert torch.equal(z, z32.bfloat16()) and torch.equal(dx, dx32.bfloat16())
+    assert torch.equal(z, z32.bfloat16())
     for a, b in zip(rest, rest32):
         assert torch.equal(a, b)
+    dx64, dx_plain = outs["float64"][1], outs["plain"][1]
+    error = lambda d: ((d.double() - dx64).norm() / dx64.norm()).item()  # noqa: E731
+    assert error(dx) <= 1.5 * error(dx_plain), (error(dx), error(dx_plain))
+    torch.testing.assert_close(dx.float(), dx32, atol=0.02 * dx32.abs().max().item(), rtol=0.02)
 
 
 def test_an_activation_alone_runs_inside_the_bf16_depthwise_kernel(monkeypatch):
@@ -142,7 +151,7 @@ def test_an_activation_alone_runs_inside_the_bf16_depthwise_kernel(monkeypatch):
     identity in the norm's place, bf16 in and out -- its float32 functions' result on the same values,
     rounded once, and as close to float64 as bf16 allows; the layers wherever the kernel does not apply."""
     calls = _spy(monkeypatch)
-    conv, x = _dw(48, 3, 1), _bf16_input((2, 48, 32, 32))  # `act_kernel_wins`: 3x3 on maps of 32x32 and more
+    conv, x = _dw(48, 3, 1), _bf16_input((4, 48, 8, 8))
     with bf16_autocast():
         z = norm_act_depthwise.act_depthwise(x, nn.ReLU(), conv)
     torch.manual_seed(2)
@@ -164,7 +173,7 @@ def test_an_activation_alone_runs_inside_the_bf16_depthwise_kernel(monkeypatch):
     calls["bf16"] = calls["fused"] = 0  # (the float32 reference above was a call too)
     with bf16_autocast():
         norm_act_depthwise.act_depthwise(x.detach().clone().requires_grad_() * 1, nn.ReLU(inplace=True), conv)  # layers
-        norm_act_depthwise.act_depthwise(_bf16_input((4, 48, 16, 16)), nn.ReLU(), conv)  # a smaller map: layers
+        norm_act_depthwise.act_depthwise(_bf16_input((4, 48, 4, 4)), nn.ReLU(), conv)  # a 4x4 map: layers
     norm_act_depthwise.act_depthwise(x.detach().float().requires_grad_(), nn.ReLU(), conv)  # float32: layers
     assert calls["bf16"] == 0 and calls["fused"] == 0
 
@@ -259,10 +268,10 @@ def test_xception_trains_its_depthwise_convs_in_bf16(monkeypatch):
     with bf16_autocast():
         model(torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)).float().sum().backward()
     # every depthwise conv is a stride-1 3x3 on a map of 4x4 or more: all bf16. Those after a unit's norm + ReLU
-    # on maps of 8x8 or more run on the one bf16 kernel: each block's units after its first (blocks 1 and 2 at
-    # 32x32, block 3 at 16x16, the 4 middle blocks' 2 each and the exit block's 1 at 8x8; the head's are 4x4),
-    # and of the blocks' opening ReLUs the one on a 32x32 map (block 2's)
-    assert calls["depthwise"] == [] and calls["fused"] == 0 and calls["bf16"] == (1 + 1 + 1 + 4 * 2 + 1) + 1
+    # or a block's opening ReLU, on maps of 8x8 or more, run on the one bf16 kernel: every unit of every block
+    # (the first block's first unit has no ReLU before it) -- 2 units at 32x32 in block 1, 2 + 2 in blocks 2
+    # and 3, 3 in each of the 4 middle blocks and 2 in the exit block; the head's are 4x4
+    assert calls["depthwise"] == [] and calls["fused"] == 0 and calls["bf16"] == 1 + 2 + 2 + 4 * 3 + 2
 
 
 def test_eval_under_autocast_runs_no_kernel(monkeypatch):

@@ -282,8 +282,7 @@ def test_bf16_norm_act_depthwise_rows_cover_every_bf16_layer_and_the_steps_switc
     layer_rows = ts.bf16_norm_act_dw_layers(["xception_small"], batch=2, rounds=1, warmup=0)
     assert len(layer_rows) == 7 and all(r["two_layers_ms"] > 0 and r["fused_ms"] > 0 for r in layer_rows)
     assert "| 2x128x16x16 | 3 | 1 | ReLU, no norm | xception_small x1 |" in ts.norm_act_dw_table(layer_rows)
-    used = {(r["shape"], r["act"]): r["used"] for r in layer_rows}  # act_kernel_wins for those with no norm
-    assert used[("2x64x32x32", "ReLU, no norm")] and not used[("2x128x16x16", "ReLU, no norm")] and used[("2x256x8x8", "ReLU")]
+    assert all(r["used"] for r in layer_rows)  # all on maps of 8x8 or more
     # the spies are gone
     assert (ts.models.layers.norm_act_depthwise.__name__, ts.models.layers.act_depthwise.__name__) == (
         "norm_act_depthwise", "act_depthwise")
@@ -298,7 +297,6 @@ def test_bf16_norm_act_depthwise_rows_cover_every_bf16_layer_and_the_steps_switc
     with ts._bf16_depthwise_rule(False):
         ts.TrainStep(ts.models.create_model("mobilenet_v2", width=0.5), ts.BF16, batch=2)()
     assert True not in calls and ts.models.norm_act_depthwise.bf16_kernel_wins.__name__ == "bf16_kernel_wins"
-    assert ts.models.norm_act_depthwise.act_kernel_wins.__name__ == "act_kernel_wins"
     steps = ts.bf16_norm_act_dw_steps(["mobilenet_v2"], batch=2, rounds=1, warmup=0)
     assert calls.count(True) >= 8 and steps[0]["speedup"] > 0  # its stride-1 3x3 layers on 8x8 maps or more, rule on
     assert "| `mobilenet_v2` |" in ts.norm_act_dw_table(steps) and "one bf16 kernel" in ts.norm_act_dw_table(steps)

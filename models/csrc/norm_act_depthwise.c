@@ -175,17 +175,22 @@ static inline __attribute__((always_inline)) void weight_tile(
  * for the stride-1 convs whose neighbours all run in bf16 (a float z would cost a cast pass each
  * way). A bf16 z is convolved into a float image buffer in cache and rounded once when written, so
  * it equals the float kernel's z rounded; a bf16 dz is widened an image at a time into a float
- * buffer. The bf16 backward forms g in a float buffer of its own; the float one in dx itself. */
+ * buffer. The float backward forms g (GT) in dx itself; the _bf16 one in a float buffer of its own,
+ * and the _bf16z one in a bf16 buffer: g is written once and read once more after the norm's totals
+ * (summed from the float g), and at half the bytes that pass costs half (the two bf16 layers it
+ * replaces hand the norm a bf16 gradient too). */
 #define KERNELS(NAME, ACT, GRAD)                                                                   \
-    KERNELS_T(NAME, float, float, ACT, GRAD, AS_FLOAT, AS_FLOAT, (float *)dx, (void)0)             \
-    KERNELS_T(NAME##_bf16, uint16_t, float, ACT, GRAD, bf16_to_float, float_to_bf16,               \
-              (float *)aligned_alloc(64, ((M * C * sizeof(float) + 63) / 64) * 64), free(g))       \
-    KERNELS_T(NAME##_bf16z, uint16_t, uint16_t, ACT, GRAD, bf16_to_float, float_to_bf16,           \
-              (float *)aligned_alloc(64, ((M * C * sizeof(float) + 63) / 64) * 64), free(g))
+    KERNELS_T(NAME, float, float, float, ACT, GRAD, AS_FLOAT, AS_FLOAT, AS_FLOAT, AS_FLOAT,        \
+              (float *)dx, (void)0)                                                                \
+    KERNELS_T(NAME##_bf16, uint16_t, float, float, ACT, GRAD, bf16_to_float, float_to_bf16,        \
+              AS_FLOAT, AS_FLOAT, G_BUFFER(float), free(g))                                        \
+    KERNELS_T(NAME##_bf16z, uint16_t, uint16_t, uint16_t, ACT, GRAD, bf16_to_float, float_to_bf16, \
+              bf16_to_float, float_to_bf16, G_BUFFER(uint16_t), free(g))
+#define G_BUFFER(GT) (GT *)aligned_alloc(64, ((M * C * sizeof(GT) + 63) / 64) * 64)
 #define AS_FLOAT(v) (v)
 /* Z_FLOAT: z and dz are float, read and written in place (no image buffer) */
 #define Z_FLOAT(ZT) (sizeof(ZT) == sizeof(float))
-#define KERNELS_T(NAME, XT, ZT, ACT, GRAD, LX, SX, G_ALLOC, G_FREE)                                \
+#define KERNELS_T(NAME, XT, ZT, GT, ACT, GRAD, LX, SX, LG, SG, G_ALLOC, G_FREE)                    \
     void norm_act_dw_forward_##NAME(const XT *restrict x, const float *restrict mean,              \
                                     const float *restrict a, const float *restrict beta,           \
                                     const float *restrict w, ZT *restrict z, int64_t N,            \
@@ -224,7 +229,7 @@ static inline __attribute__((always_inline)) void weight_tile(
                                      int nthreads) {                                               \
         int p = k / 2;                                                                             \
         int64_t Wp = W + 2 * p, KK = (int64_t)k * k, M = N * H * W;                                \
-        float *g = G_ALLOC; /* the activation's output gradient, dy * act'(y) */                   \
+        GT *g = G_ALLOC; /* the activation's output gradient, dy * act'(y) */                      \
         double *tw = calloc(KK * C, sizeof(double)), *s1 = calloc(C, sizeof(double)),             \
                *s2 = calloc(C, sizeof(double));                                                    \
         float *wflip = malloc(KK * C * sizeof(float)); /* the taps turned 180 degrees */          \
@@ -248,7 +253,7 @@ static inline __attribute__((always_inline)) void weight_tile(
                 if (!Z_FLOAT(ZT))                                                                  \
                     _Pragma("omp simd") for (int64_t i = 0; i < OH * OW * C; i++)                  \
                         dzbuf[i] = bf16_to_float((uint16_t)dzin[i]);                               \
-                float *gn = g + n * H * W * C;                                                     \
+                GT *gn = g + n * H * W * C;                                                        \
                 FILL_TILE(ACT, XT, LX)                                                             \
                 if (s == 1) { /* gather: dz into a bordered tile, read by the flipped forward */   \
                     for (int64_t h = 0; h < H; h++)                                                \
@@ -271,12 +276,12 @@ static inline __attribute__((always_inline)) void weight_tile(
                     for (int64_t ww = 0; ww < W; ww++) {                                           \
                         const XT *xp = xn + (h * W + ww) * C;                                      \
                         const float *dp = s == 1 ? dyrow + ww * C : dtile + ((h + p) * Wp + ww + p) * C; \
-                        float *gp = gn + (h * W + ww) * C;                                         \
+                        GT *gp = gn + (h * W + ww) * C;                                            \
                         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                      \
                             float d = LX(xp[c]) - mean[c];                                         \
                             float y = d * a[c] + beta[c];                                          \
                             float g = dp[c] * (GRAD);                                              \
-                            gp[c] = g;                                                             \
+                            gp[c] = SG(g);                                                         \
                             f1[c] += g;                                                            \
                             f2[c] += g * d;                                                        \
                         }                                                                          \
@@ -299,12 +304,12 @@ static inline __attribute__((always_inline)) void weight_tile(
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < M; r++) { \
             if (!norm) {                                                                           \
                 if ((void *)dx != (void *)g)                                                       \
-                    _Pragma("omp simd") for (int64_t c = 0; c < C; c++) dx[r * C + c] = SX(g[r * C + c]); \
+                    _Pragma("omp simd") for (int64_t c = 0; c < C; c++) dx[r * C + c] = SX(LG(g[r * C + c])); \
                 continue;                                                                          \
             }                                                                                      \
             _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {                                  \
                 int64_t i = r * C + c;                                                             \
-                dx[i] = SX((g[i] - k1[c]) * scale[c] - (LX(x[i]) - mean[c]) * k2[c]);               \
+                dx[i] = SX((LG(g[i]) - k1[c]) * scale[c] - (LX(x[i]) - mean[c]) * k2[c]);           \
             }                                                                                      \
         }                                                                                          \
         free(tw); free(s1); free(s2); free(k1); free(k2); free(scale); free(wflip);                \
