@@ -633,18 +633,16 @@ def switched_steps(names: list[str], batch: int, rounds: int, switch: Callable[[
 
 
 @contextlib.contextmanager
-def _depthwise_rule(on: bool, rule_names: tuple[str, ...] = ("kernel_wins",)):
-    """With `on` False, `models.norm_act_depthwise`'s rules `rule_names` pick the two layers everywhere."""
+def _depthwise_rule(on: bool, rule_name: str = "kernel_wins"):
+    """With `on` False, `models.norm_act_depthwise`'s rule `rule_name` picks the two layers everywhere."""
     import models.norm_act_depthwise as nad
 
-    rules = {name: getattr(nad, name) for name in rule_names}
-    for name, rule in rules.items():
-        setattr(nad, name, rule if on else (lambda k, h, w: False))
+    rule = getattr(nad, rule_name)
+    setattr(nad, rule_name, rule if on else (lambda k, h, w: False))
     try:
         yield
     finally:
-        for name, rule in rules.items():
-            setattr(nad, name, rule)
+        setattr(nad, rule_name, rule)
 
 
 def norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
@@ -695,7 +693,7 @@ def bf16_norm_act_dw_layers(names: list[str], batch: int, rounds: int, warmup: i
     return _time_norm_act_dw(bf16_norm_act_dw_shapes(names, batch), rounds, warmup, log, bf16=True)
 
 
-_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_names=("bf16_kernel_wins",))
+_bf16_depthwise_rule = functools.partial(_depthwise_rule, rule_name="bf16_kernel_wins")
 
 
 def bf16_norm_act_dw_steps(names: list[str], batch: int, rounds: int, warmup: int = 1, log=None) -> list[dict]:
